@@ -1,0 +1,76 @@
+// pybind11 registration of the C++ CPU reference kernels. Arguments are raw addresses (uintptr_t, 0 for
+// "absent") and plain integers; lowbit_engine/ops.py validates tensors before any address crosses.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "lowbit/cpu_ref.h"
+
+namespace py = pybind11;
+using lowbit::ActQuant;
+using lowbit::DType;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+}  // namespace
+
+void register_cpu(py::module_& m) {
+  m.def(
+      "cpu_quantize_act",
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t smooth, uintptr_t lora_down, int64_t R,
+         int mode, uintptr_t q, uintptr_t scales, uintptr_t lora_act) {
+        py::gil_scoped_release release;
+        lowbit::cpu::quantize_act(ptr<const void>(x), DType(x_dtype), M, K, ptr<const float>(smooth),
+                                  ptr<const void>(lora_down), R, ActQuant(mode), ptr<void>(q),
+                                  ptr<float>(scales), ptr<float>(lora_act));
+      },
+      "Activation quantizer (int4 g64 / int8 / fp8 per token) with optional smoothing and X @ L_down^T");
+  m.def(
+      "cpu_gemm_w4a4",
+      [](uintptr_t act, uintptr_t act_scales, uintptr_t w, uintptr_t w_scales, int64_t M, int64_t N,
+         int64_t K, uintptr_t lora_act, uintptr_t lora_up, int lora_dtype, int64_t R, uintptr_t bias,
+         int bias_dtype, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::gemm_w4a4(ptr<const uint8_t>(act), ptr<const float>(act_scales), ptr<const uint8_t>(w),
+                               ptr<const uint16_t>(w_scales), M, N, K, ptr<const float>(lora_act),
+                               ptr<const void>(lora_up), DType(lora_dtype), R, ptr<const void>(bias),
+                               DType(bias_dtype), ptr<void>(out), DType(out_dtype));
+      },
+      "W4A4 GEMM, group-64 scales, low-rank up-projection and bias in the epilogue");
+  m.def(
+      "cpu_gemm_w4a8",
+      [](uintptr_t act, int act_dtype, uintptr_t act_scales, uintptr_t w, uintptr_t w_scales, int64_t M,
+         int64_t N, int64_t K, uintptr_t lora_act, uintptr_t lora_up, int lora_dtype, int64_t R,
+         uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::gemm_w4a8(ptr<const void>(act), DType(act_dtype), ptr<const float>(act_scales),
+                               ptr<const uint8_t>(w), ptr<const uint16_t>(w_scales), M, N, K,
+                               ptr<const float>(lora_act), ptr<const void>(lora_up), DType(lora_dtype), R,
+                               ptr<const void>(bias), DType(bias_dtype), ptr<void>(out), DType(out_dtype));
+      },
+      "W4A8 GEMM (int8 or fp8 per-token activations), same epilogue as W4A4");
+  m.def(
+      "cpu_vq_dequantize",
+      [](uintptr_t codes, int index_bits, uintptr_t codebook, int cb_dtype, int64_t k, int64_t d,
+         uintptr_t channel_scale, int64_t N, int64_t K, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::vq_dequantize(ptr<const uint8_t>(codes), index_bits, ptr<const void>(codebook),
+                                   DType(cb_dtype), k, d, ptr<const float>(channel_scale), N, K,
+                                   ptr<void>(out), DType(out_dtype));
+      },
+      "Decode VQ indices through the codebook into a dense weight");
+  m.def(
+      "cpu_vq_gemm",
+      [](uintptr_t x, int x_dtype, int64_t M, uintptr_t codes, int index_bits, uintptr_t codebook,
+         int cb_dtype, int64_t k, int64_t d, uintptr_t channel_scale, int64_t N, int64_t K, uintptr_t bias,
+         int bias_dtype, uintptr_t out) {
+        py::gil_scoped_release release;
+        lowbit::cpu::vq_gemm(ptr<const void>(x), DType(x_dtype), M, ptr<const uint8_t>(codes), index_bits,
+                             ptr<const void>(codebook), DType(cb_dtype), k, d, ptr<const float>(channel_scale),
+                             N, K, ptr<const void>(bias), DType(bias_dtype), ptr<void>(out));
+      },
+      "x @ W^T + bias with W decoded from a VQ codebook");
+}

@@ -1,0 +1,45 @@
+// C++ CPU reference kernels. Plain loops, written to be read and trusted, not to be fast.
+// Every function follows docs/formats.md exactly; integer parts agree bit for bit with the torch
+// references and with the GPU kernels. Pointers are raw; nullptr means "absent" for optional inputs.
+// Bad arguments throw std::invalid_argument (pybind11 turns it into ValueError).
+#pragma once
+#include <cstdint>
+
+#include "lowbit/dtype.h"
+
+namespace lowbit::cpu {
+
+// x [M, K] (F16 or BF16); smooth fp32 [K] or nullptr; lora_down [R, K] (dtype of x) or nullptr (R = 0).
+// mode INT4_G64: q_out uint8 [M, K/2], scales_out fp32 [M, K/64].
+// mode INT8_TOKEN / FP8_TOKEN: q_out int8 / e4m3 [M, K], scales_out fp32 [M].
+// lora_act_out fp32 [M, R] = x @ lora_down^T on the RAW x (nullptr when R == 0).
+void quantize_act(const void* x, DType x_dtype, int64_t M, int64_t K, const float* smooth,
+                  const void* lora_down, int64_t R, ActQuant mode, void* q_out, float* scales_out,
+                  float* lora_act_out);
+
+// act uint8 [M, K/2] packed int4, act_scales fp32 [M, K/64], w uint8 [N, K/2], w_scales bf16 [N, K/64]
+// (passed as raw uint16 bits). lora_act fp32 [M, R] with lora_up [N, R] (F16/BF16), or both nullptr.
+// bias [N] (F32/F16/BF16) or nullptr. out [M, N] in out_dtype (F32/F16/BF16).
+void gemm_w4a4(const uint8_t* act, const float* act_scales, const uint8_t* w, const uint16_t* w_scales,
+               int64_t M, int64_t N, int64_t K, const float* lora_act, const void* lora_up,
+               DType lora_dtype, int64_t R, const void* bias, DType bias_dtype, void* out,
+               DType out_dtype);
+
+// act int8 or e4m3 [M, K] (act_dtype I8 / F8E4M3), act_scales fp32 [M]; the rest as gemm_w4a4.
+void gemm_w4a8(const void* act, DType act_dtype, const float* act_scales, const uint8_t* w,
+               const uint16_t* w_scales, int64_t M, int64_t N, int64_t K, const float* lora_act,
+               const void* lora_up, DType lora_dtype, int64_t R, const void* bias, DType bias_dtype,
+               void* out, DType out_dtype);
+
+// codes: index_bits 8 -> uint8 [N, K/d]; 12 -> uint8 [N, 3*ceil((K/d)/2)] (docs/formats.md).
+// codebook [k, d] (F32/F16/BF16); channel_scale fp32 [N] or nullptr. out [N, K] in out_dtype.
+void vq_dequantize(const uint8_t* codes, int index_bits, const void* codebook, DType codebook_dtype,
+                   int64_t k, int64_t d, const float* channel_scale, int64_t N, int64_t K, void* out,
+                   DType out_dtype);
+
+// out [M, N] (dtype of x) = x [M, K] (F16/BF16/F32) @ W^T + bias, W decoded as in vq_dequantize.
+void vq_gemm(const void* x, DType x_dtype, int64_t M, const uint8_t* codes, int index_bits,
+             const void* codebook, DType codebook_dtype, int64_t k, int64_t d, const float* channel_scale,
+             int64_t N, int64_t K, const void* bias, DType bias_dtype, void* out);
+
+}  // namespace lowbit::cpu
