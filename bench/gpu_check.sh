@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: build for sm_90a (+ sm_80), run the GPU tests and the kernel benchmarks,
+# and leave logs and JSON under $OUT (default ./out). Run from the repository root:
+#   bash bench/gpu_check.sh            # everything
+#   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
+# Needs torch with CUDA, nvcc, pybind11 and pytest (the device image has them; hypothesis optional).
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+log "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+log "nvcc: $(nvcc --version | tail -1)"
+log "commit: ${LOWBIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+
+# Build in place (no pip: the device has no network). sm_80 is compiled too so both paths stay honest.
+export LOWBIT_CUDA=1 LOWBIT_CUDA_ARCHS=${LOWBIT_CUDA_ARCHS:-"90a;80"} LOWBIT_NVCC_THREADS=8
+start=$(date +%s)
+if ! python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  log "BUILD FAILED (tail of build.log follows)"; tail -40 "$OUT/build.log"; exit 1
+fi
+log "build ok in $(( $(date +%s) - start ))s"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import lowbit_engine, json; print(json.dumps(lowbit_engine.build_info()))" | tee "$OUT/build_info.json"
+
+# Resource report of the CUDA objects (registers, smem, spills) and a SASS instruction census.
+for obj in build/temp*/cuda/*.o; do
+  [ -f "$obj" ] || continue
+  cuobjdump --dump-resource-usage "$obj" >>"$OUT/resources.txt" 2>&1 || true
+  cuobjdump --dump-sass "$obj" 2>/dev/null | grep -oE '^\s+/\*[0-9a-f]+\*/\s+[A-Z0-9_.]+' \
+    | awk '{print $2}' | sort | uniq -c | sort -rn | head -40 >>"$OUT/sass_census.txt" || true
+done
+
+log "GPU tests"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
+rc=$?; tail -5 "$OUT/pytest_gpu.log" | tee -a "$OUT/summary.txt"
+[ $rc -eq 0 ] || [ $rc -eq 5 ] || { log "GPU tests FAILED (rc=$rc)"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -30; }
+
+if [ "${GPU_CHECK_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  log "compute-sanitizer on the GPU tests of the quantizer (small sizes)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu tests/gpu \
+    -k "not 4608 and not 15360" -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1
+  log "compute-sanitizer rc=$? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer.log") clean summaries)"
+fi
+
+if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
+  log "kernel benchmarks"
+  python3 -m lowbit_engine.cli bench kernels --out "$OUT/kernels.json" ${GPU_CHECK_BENCH_ARGS:-} \
+    >"$OUT/bench.log" 2>&1 || log "benchmark FAILED"
+  cat "$OUT/bench.log"
+fi
+exit $rc

@@ -1,0 +1,310 @@
+"""Kernel benchmark harness: every lowbit kernel against cuBLAS bf16 and fp8 on real model shapes.
+
+On a GPU it times, per shape, cuBLAS bf16 (``x @ w.T``), cuBLAS fp8 (``torch._scaled_mm`` on pre-quantized
+e4m3 with row-wise scales), torch's unfused dynamic fp8 (quantize + ``_scaled_mm``), and each lowbit op
+through :mod:`lowbit_engine.ops` with the backend that dispatch picks (recorded in the results). Inputs
+rotate over enough copies that the working set is several times the L2, so the cache does not flatter.
+Ops that would run on the torch reference are reported as ``fallback`` and not timed, unless asked.
+
+On the CPU it runs the same ops on small shapes (C++ reference and torch reference) so that CI
+exercises the harness; those timings are CPU timings and say nothing about the kernels.
+
+Example:
+    >>> from lowbit_engine import benchmark
+    >>> report = benchmark.run(device="cpu", shapes=[(1, 128, 64)], repeat=2)
+    >>> sorted(report)[:2]
+    ['build_info', 'commit']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _dispatch, ops
+from ._build_info import build_info
+from .formats import int4
+
+# FLUX.1 at 1024x1024: 4608 image+text tokens; (K, N) of its linear layers.
+FLUX_KN = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
+FLUX_M = [4608, 256, 16]
+CPU_SHAPES = [(1, 256, 128), (17, 256, 192), (111, 128, 64)]
+RANK = 32
+L2_BYTES = 50 * 2**20  # H100; rotation makes the working set at least 3x this
+
+
+@dataclass
+class Result:
+    kernel: str
+    backend: str
+    M: int
+    K: int
+    N: int
+    median_ms: float | None
+    tflops: float | None
+    gbps: float | None
+    ratio_vs_bf16: float | None = None
+    ratio_vs_fp8: float | None = None
+    fallback: bool = False
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One thing to time on one shape: ``make(i)`` returns the i-th rotated callable's inputs."""
+
+    kernel: str
+    flops: float
+    bytes_moved: float
+    fn: Callable[[int], object]
+    op: str | None = None  # the lowbit op whose backend is reported (None: a torch/cuBLAS baseline)
+    op_args: Callable[[int], tuple] | None = None
+
+
+def _commit() -> str:
+    env = os.environ.get("LOWBIT_COMMIT")
+    if env:
+        return env
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _time_gpu(fn: Callable[[int], object], n_sets: int, repeat: int) -> float:
+    """Median milliseconds of fn over rotating input sets, timed with CUDA events after warm-up."""
+    counter = [0]
+
+    def call():
+        counter[0] += 1
+        fn(counter[0] % n_sets)
+
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(call, warmup=25, rep=max(repeat, 20), return_mode="median"))
+    except ImportError:
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+
+def _time_cpu(fn: Callable[[int], object], n_sets: int, repeat: int) -> float:
+    fn(0)
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        fn(i % n_sets)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _inputs(M: int, K: int, N: int, device: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One set of random inputs for every kernel of a shape (never zeros; a few outlier channels)."""
+    dt = torch.bfloat16
+    x = torch.randn(M, K, generator=gen) * (1 + 20 * (torch.rand(K, generator=gen) > 0.99))
+    w = torch.randn(N, K, generator=gen) * 0.02
+    qw, sw = int4.quantize(w, scale_dtype=torch.bfloat16)
+    smooth = torch.rand(K, generator=gen) + 0.5
+    d = {
+        "x": x.to(dt), "w": w.to(dt), "bias": torch.randn(N, generator=gen).to(dt),
+        "w4": int4.pack(qw), "w4_scales": sw, "smooth": smooth,
+        "lora_down": (torch.randn(RANK, K, generator=gen) / math.sqrt(K)).to(dt),
+        "lora_up": (torch.randn(N, RANK, generator=gen) * 0.02).to(dt),
+    }
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def _fp8_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = t.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    scale = amax / 448.0
+    return (t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: bool) -> list[Case]:
+    flops = 2.0 * M * N * K
+    bf, out_b = 2.0, 2.0 * M * N
+    cases: list[Case] = []
+    if on_gpu:
+        cases.append(Case("cublas_bf16", flops, bf * (M * K + N * K) + out_b,
+                          lambda i: torch.matmul(sets[i]["x"], sets[i]["w"].t())))
+        fp8 = []
+        for s in sets:
+            xa, sa = _fp8_rowwise(s["x"])
+            wb, sb = _fp8_rowwise(s["w"])
+            fp8.append((xa, sa, wb.t(), sb.t().contiguous()))
+        cases.append(Case("cublas_fp8_scaled_mm", flops, M * K + N * K + out_b,
+                          lambda i: torch._scaled_mm(fp8[i][0], fp8[i][2], scale_a=fp8[i][1], scale_b=fp8[i][3],
+                                                     out_dtype=torch.bfloat16)))
+
+        def fp8_dynamic(i):
+            xa, sa = _fp8_rowwise(sets[i]["x"])
+            return torch._scaled_mm(xa, fp8[i][2], scale_a=sa, scale_b=fp8[i][3], out_dtype=torch.bfloat16)
+
+        cases.append(Case("torch_fp8_dynamic_unfused", flops, bf * M * K + N * K + out_b, fp8_dynamic))
+    else:
+        cases.append(Case("torch_matmul_bf16", flops, bf * (M * K + N * K) + out_b,
+                          lambda i: torch.matmul(sets[i]["x"], sets[i]["w"].t())))
+
+    # Activation quantizers: bytes = x read + q and scales written + lora_act written.
+    q4_bytes = bf * M * K + M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + bf * RANK * K
+    q4_args = lambda i: (sets[i]["x"], sets[i]["smooth"], sets[i]["lora_down"], "int4")  # noqa: E731
+    cases.append(Case("quantize_act_int4_r32", 2.0 * M * K * RANK, q4_bytes,
+                      lambda i: ops.quantize_act(*q4_args(i)), "quantize_act", q4_args))
+    q8_args = lambda i: (sets[i]["x"], sets[i]["smooth"], sets[i]["lora_down"], "int8")  # noqa: E731
+    cases.append(Case("quantize_act_int8_r32", 2.0 * M * K * RANK, bf * M * K + M * K + 4 * M + 4 * M * RANK,
+                      lambda i: ops.quantize_act(*q8_args(i)), "quantize_act", q8_args))
+
+    # GEMMs on pre-quantized activations, and the whole SVDQuant linear (quantizer + GEMM) per layer.
+    pre = [ops.quantize_act(*q4_args(i)) for i in range(len(sets))] if _runs_natively(
+        "quantize_act", q4_args(0), on_gpu) else None
+    w_bytes = N * K / 2 + 2 * N * K / 64 + bf * N * RANK + bf * N
+
+    def w4a4_args(i):
+        q, s, la = pre[i]
+        d = sets[i]
+        return (q, s, d["w4"], d["w4_scales"], la, d["lora_up"], d["bias"], torch.bfloat16)
+
+    if pre is not None:
+        cases.append(Case("gemm_w4a4_r32", flops, M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b,
+                          lambda i: torch.ops.lowbit.gemm_w4a4(*w4a4_args(i)), "gemm_w4a4", w4a4_args))
+
+    def svdq_linear(i, mode):
+        d = sets[i]
+        q, s, la = ops.quantize_act(d["x"], d["smooth"], d["lora_down"], mode)
+        gemm = ops.gemm_w4a4 if mode == "int4" else ops.gemm_w4a8
+        return gemm(q, s, d["w4"], d["w4_scales"], la, d["lora_up"], d["bias"])
+
+    lin_bytes = bf * M * K + w_bytes + out_b
+    # op_args None: a composite case; its backends are read off one recorded call.
+    cases.append(Case("svdq_w4a4_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "int4"), "gemm_w4a4"))
+    cases.append(Case("svdq_w4a8_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "int8"), "gemm_w4a8"))
+    return cases
+
+
+def _runs_natively(op: str, args: tuple | None, on_gpu: bool) -> bool:
+    if args is None:
+        return False
+    return _dispatch.select(op, *args).name != "torch"
+
+
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
+
+
+def run(
+    device: str | None = None,
+    shapes: Sequence[tuple[int, int, int]] | None = None,
+    repeat: int = 50,
+    include_reference: bool = False,
+    kernels: Sequence[str] | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Time every kernel on ``shapes`` ((M, K, N) triples) and return the report (also see :func:`save`).
+
+    ``device`` defaults to CUDA when available. ``include_reference`` also times ops that would fall back
+    to the torch reference (slow; off by default on a GPU). ``kernels`` filters by name substring.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    if shapes is None:
+        shapes = [(M, K, N) for M in FLUX_M for (K, N) in FLUX_KN] if on_gpu else CPU_SHAPES
+    gen = torch.Generator().manual_seed(0)
+    results: list[Result] = []
+    for M, K, N in shapes:
+        set_bytes = 2 * (M * K + N * K)
+        n_sets = max(1, min(8, math.ceil(3 * L2_BYTES / set_bytes))) if on_gpu else 2
+        sets = [_inputs(M, K, N, device, gen) for _ in range(n_sets)]
+        baseline: dict[str, float] = {}
+        for case in _cases(M, K, N, sets, on_gpu):
+            if kernels and not any(k in case.kernel for k in kernels):
+                continue
+            backend, fallback = "torch", False
+            if case.op is not None:
+                args = case.op_args(0) if case.op_args is not None else None
+                if args is not None:
+                    backend = _dispatch.select(case.op, *args).name
+                else:  # composite case: run it once and see what ran
+                    with ops.record_backends() as used:
+                        case.fn(0)
+                    backend = "+".join(sorted({b for bs in used.values() for b in bs}))
+                fallback = "torch" in backend.split("+")
+            if fallback and on_gpu and not include_reference:
+                results.append(Result(case.kernel, backend, M, K, N, None, None, None, fallback=True,
+                                      note="no CUDA/Triton kernel yet: would run the torch reference"))
+                continue
+            with ops.record_backends() as used:
+                ms = (_time_gpu if on_gpu else _time_cpu)(case.fn, n_sets, repeat)
+            if case.op is not None:
+                backend = "+".join(sorted({b for bs in used.values() for b in bs})) or backend
+            res = Result(case.kernel, backend, M, K, N, ms, case.flops / ms / 1e9, case.bytes_moved / ms / 1e6,
+                         fallback=fallback)
+            if case.op is None:
+                baseline[case.kernel] = ms
+            bf_ms = baseline.get("cublas_bf16", baseline.get("torch_matmul_bf16"))
+            res.ratio_vs_bf16 = bf_ms / ms if bf_ms else None
+            fp8_ms = baseline.get("cublas_fp8_scaled_mm")
+            res.ratio_vs_fp8 = fp8_ms / ms if fp8_ms else None
+            results.append(res)
+            if verbose:
+                print(format_row(res), flush=True)
+        del sets
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return {
+        "gpu": _gpu_name(),
+        "device": device,
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "build_info": build_info(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": "" if on_gpu else "CPU run: C++/torch references on small shapes; not kernel performance",
+        "results": [asdict(r) for r in results],
+    }
+
+
+def format_row(r: Result | dict) -> str:
+    d = asdict(r) if isinstance(r, Result) else r
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    return (f"{d['kernel']:<28} {d['backend']:<12} {d['M']:>5} {d['K']:>6} {d['N']:>6} "
+            f"{f(d['median_ms'], '9.4f')} {f(d['tflops'], '8.1f')} {f(d['gbps'], '8.1f')} "
+            f"{f(d['ratio_vs_bf16'], '6.2f')} {f(d['ratio_vs_fp8'], '6.2f')} {d['note']}")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (f"{'kernel':<28} {'backend':<12} {'M':>5} {'K':>6} {'N':>6} {'ms':>9} {'TFLOP/s':>8} "
+            f"{'GB/s':>8} {'xbf16':>6} {'xfp8':>6}")
+    lines = [f"# {report['gpu']}  commit {report['commit']}  torch {report['torch']}", head]
+    lines += [format_row(r) for r in report["results"]]
+    return "\n".join(lines)
+
+
+def save(report: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
