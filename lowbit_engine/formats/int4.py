@@ -38,7 +38,9 @@ def quantize(
     _check_groups(x, group_size)
     xf = x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = (amax / QMAX).to(scale_dtype)
+    # Divide by a tensor, not a Python number: CUDA torch turns division by a scalar into a multiply by
+    # its reciprocal, which differs from the true division the kernels and C++ references use.
+    scale = (amax / torch.full_like(amax, QMAX)).to(scale_dtype)
     sf = scale.float()
     safe = torch.where(sf > 0, sf, torch.ones_like(sf))
     q = torch.where(sf > 0, torch.clamp(torch.round(xf / safe), -8, 7), torch.zeros_like(xf))
