@@ -43,7 +43,7 @@ def tensor(
         fail(op, arg, f"a {len(shape)}-d tensor", f"shape {tuple(t.shape)}")
     for axis, (want, have) in enumerate(zip(shape, t.shape)):
         if want is not None and want != have:
-            want_shape = tuple("*" if s is None else s for s in shape)
+            want_shape = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
             fail(op, arg, f"shape {want_shape} (dim {axis} = {want})", f"shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         fail(op, arg, f"a tensor on {device} (like the first input)", f"a tensor on {t.device}")
@@ -56,9 +56,10 @@ def optional(op: str, arg: str, t: torch.Tensor | None, **kw) -> torch.Tensor | 
     return None if t is None else tensor(op, arg, t, **kw)
 
 
-def multiple(op: str, what: str, value: int, of: int) -> None:
+def multiple(op: str, arg: str, value: int, of: int, what: str | None = None) -> None:
+    """``value`` (a size of ``arg``, described by ``what``) must be a multiple of ``of``."""
     if value % of != 0:
-        fail(op, what, f"a multiple of {of}", value)
+        fail(op, arg, f"{what or 'a size'} to be a multiple of {of}", value)
 
 
 def one_of(op: str, arg: str, value: object, allowed: Sequence[object]) -> None:

@@ -124,19 +124,20 @@ def _time_cpu(fn: Callable[[int], object], n_sets: int, repeat: int) -> float:
 
 
 def _inputs(M: int, K: int, N: int, device: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One set of random inputs for every kernel of a shape (never zeros; a few outlier channels)."""
+    """One set of random inputs for every kernel of a shape (never zeros; a few outlier channels).
+
+    Drawn on ``device`` directly: FLUX-sized weights drawn on the host would take longer than the timing.
+    """
     dt = torch.bfloat16
-    x = torch.randn(M, K, generator=gen) * (1 + 20 * (torch.rand(K, generator=gen) > 0.99))
-    w = torch.randn(N, K, generator=gen) * 0.02
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+    x = r(M, K) * (1 + 20 * (torch.rand(K, generator=gen, device=device) > 0.99))
+    w = r(N, K) * 0.02
     qw, sw = int4.quantize(w, scale_dtype=torch.bfloat16)
-    smooth = torch.rand(K, generator=gen) + 0.5
-    d = {
-        "x": x.to(dt), "w": w.to(dt), "bias": torch.randn(N, generator=gen).to(dt),
-        "w4": int4.pack(qw), "w4_scales": sw, "smooth": smooth,
-        "lora_down": (torch.randn(RANK, K, generator=gen) / math.sqrt(K)).to(dt),
-        "lora_up": (torch.randn(N, RANK, generator=gen) * 0.02).to(dt),
+    return {
+        "x": x.to(dt), "w": w.to(dt), "bias": r(N).to(dt), "w4": int4.pack(qw), "w4_scales": sw,
+        "smooth": torch.rand(K, generator=gen, device=device) + 0.5,
+        "lora_down": (r(RANK, K) / math.sqrt(K)).to(dt), "lora_up": (r(N, RANK) * 0.02).to(dt),
     }
-    return {k: v.to(device) for k, v in d.items()}
 
 
 def _fp8_rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +213,14 @@ def _runs_natively(op: str, args: tuple | None, on_gpu: bool) -> bool:
     return _dispatch.select(op, *args).name != "torch"
 
 
+def measure_copy_gbps(nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written), the ceiling for memory-bound kernels."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = _time_gpu(lambda i: dst.copy_(src), 1, 50)
+    return 2 * nbytes / ms / 1e6
+
+
 def _gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
 
@@ -233,7 +242,7 @@ def run(
     on_gpu = device.startswith("cuda")
     if shapes is None:
         shapes = [(M, K, N) for M in FLUX_M for (K, N) in FLUX_KN] if on_gpu else CPU_SHAPES
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     results: list[Result] = []
     for M, K, N in shapes:
         set_bytes = 2 * (M * K + N * K)
@@ -275,8 +284,10 @@ def run(
         del sets
         if on_gpu:
             torch.cuda.empty_cache()
+    copy_gbps = measure_copy_gbps() if on_gpu else None
     return {
         "gpu": _gpu_name(),
+        "copy_gbps": copy_gbps,
         "device": device,
         "commit": _commit(),
         "torch": torch.__version__,
@@ -298,7 +309,9 @@ def format_row(r: Result | dict) -> str:
 def format_table(report: dict[str, Any]) -> str:
     head = (f"{'kernel':<28} {'backend':<12} {'M':>5} {'K':>6} {'N':>6} {'ms':>9} {'TFLOP/s':>8} "
             f"{'GB/s':>8} {'xbf16':>6} {'xfp8':>6}")
-    lines = [f"# {report['gpu']}  commit {report['commit']}  torch {report['torch']}", head]
+    copy = report.get("copy_gbps")
+    lines = [f"# {report['gpu']}  commit {report['commit']}  torch {report['torch']}"
+             + (f"  device copy {copy:.0f} GB/s" if copy else ""), head]
     lines += [format_row(r) for r in report["results"]]
     return "\n".join(lines)
 

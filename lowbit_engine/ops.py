@@ -77,7 +77,7 @@ def _check_quantize_act(x, smooth, lora_down, mode) -> tuple[int, int, int]:
     V.one_of(op, "mode", mode, list(MODES))
     if M < 1:
         V.fail(op, "x", "at least one row (M >= 1)", f"shape {tuple(x.shape)}")
-    V.multiple(op, "K (x.shape[1])", K, GROUP)
+    V.multiple(op, "x", K, GROUP, "K = x.shape[1]")
     V.optional(op, "smooth", smooth, dtypes=(torch.float32,), shape=(K,), device=x.device)
     V.optional(op, "lora_down", lora_down, dtypes=(x.dtype,), shape=(None, K), device=x.device)
     R = 0 if lora_down is None else lora_down.shape[0]
@@ -200,7 +200,7 @@ def _check_gemm_w4a4(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_
     M, K = act.shape[0], act.shape[1] * 2
     if M < 1:
         V.fail(op, "act", "at least one row (M >= 1)", f"shape {tuple(act.shape)}")
-    V.multiple(op, "K (2 * act.shape[1])", K, GROUP)
+    V.multiple(op, "act", K, GROUP, "K = 2 * act.shape[1]")
     N = _check_weights(op, act.device, K, w, w_scales)
     V.tensor(op, "act_scales", act_scales, dtypes=(torch.float32,), shape=(M, K // GROUP), device=act.device)
     R = _check_epilogue(op, act.device, M, N, lora_act, lora_up, bias, out_dtype)
@@ -213,7 +213,7 @@ def _check_gemm_w4a8(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_
     M, K = act.shape
     if M < 1:
         V.fail(op, "act", "at least one row (M >= 1)", f"shape {tuple(act.shape)}")
-    V.multiple(op, "K (act.shape[1])", K, GROUP)
+    V.multiple(op, "act", K, GROUP, "K = act.shape[1]")
     N = _check_weights(op, act.device, K, w, w_scales)
     V.tensor(op, "act_scales", act_scales, dtypes=(torch.float32,), shape=(M,), device=act.device)
     R = _check_epilogue(op, act.device, M, N, lora_act, lora_up, bias, out_dtype)
@@ -335,7 +335,7 @@ def _check_vq(op, dev, codes, codebook, channel_scale, N, K, index_bits):
         V.fail(op, "codebook", f"1 to {2 ** index_bits} centroids for {index_bits}-bit indices", f"{k}")
     if N < 1 or K < 1:
         V.fail(op, "N/K", "positive sizes", f"N={N}, K={K}")
-    V.multiple(op, "K", K, d)
+    V.multiple(op, "K", K, d, "K (the codebook holds sub-vectors of d = codebook.shape[1])")
     V.tensor(op, "codes", codes, dtypes=(torch.uint8,), shape=(N, _vq_row_bytes(K // d, index_bits)),
              device=dev)
     V.optional(op, "channel_scale", channel_scale, dtypes=(torch.float32,), shape=(N,), device=dev)
@@ -444,3 +444,6 @@ def vq_gemm(
 
 
 OPS = ("quantize_act", "gemm_w4a4", "gemm_w4a8", "vq_dequantize", "vq_gemm")
+
+# Last, once every op above exists: importing the Triton kernels registers their backends.
+from . import kernels as _kernels  # noqa: E402,F401  registers the Triton backends
