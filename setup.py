@@ -79,6 +79,8 @@ class BuildWithCuda(build_ext):
     def build_extensions(self) -> None:
         use_cuda, nvcc = _cuda_wanted()
         ext = self.extensions[0]
+        if use_cuda and not any((CSRC / "cuda").glob("*.cu")):
+            use_cuda = False  # nothing to compile: the bindings would reference missing launchers
         if use_cuda:
             archs = _archs()
             objects = self._compile_cuda(nvcc, archs)
