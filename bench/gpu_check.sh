@@ -3,7 +3,10 @@
 # and leave logs and JSON under $OUT (default ./out). Run from the repository root:
 #   bash bench/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
-# Needs torch with CUDA, nvcc, pybind11 and pytest (the device image has them; hypothesis optional).
+# Needs torch with CUDA, nvcc, setuptools, pybind11 and pytest. The device image has no pybind11 (seen
+# 2026-11-22): carry its wheel, made here with
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl pybind11==3.1.0
+# and name .whl in the device call's carry list; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -14,6 +17,11 @@ log "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=
 log "nvcc: $(nvcc --version | tail -1)"
 log "commit: ${LOWBIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 # Build in place (no pip: the device has no network). sm_80 is compiled too so both paths stay honest.
 export LOWBIT_CUDA=1 LOWBIT_CUDA_ARCHS=${LOWBIT_CUDA_ARCHS:-"90a;80"} LOWBIT_NVCC_THREADS=8
 start=$(date +%s)
@@ -21,6 +29,8 @@ if ! python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
   log "BUILD FAILED (tail of build.log follows)"; tail -40 "$OUT/build.log"; exit 1
 fi
 log "build ok in $(( $(date +%s) - start ))s"
+# setup.py installs kernels/ as lowbit_engine.kernels; an in-place build needs that mapping by hand.
+[ -e lowbit_engine/kernels ] || ln -s ../kernels lowbit_engine/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import lowbit_engine, json; print(json.dumps(lowbit_engine.build_info()))" | tee "$OUT/build_info.json"
 
