@@ -810,7 +810,7 @@ DeviceInfo device_info() {
 
 namespace detail {
 
-// The launch heuristic (see docs/kernels_quantize_act.md). A row tile is split over a cluster of
+// The launch heuristic (see docs/kernels.md). A row tile is split over a cluster of
 // `cluster` CTAs along K:
 //   * 8-bit modes or more than 32 ranks: at least enough CTAs that each CTA's slice fits its ring
 //     (8 warps x 4 groups = 2048 columns): x is read once and further rank chunks replay the ring;
