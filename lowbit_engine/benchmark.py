@@ -114,7 +114,8 @@ def _time_gpu(fn: Callable[[int], object], n_sets: int, repeat: int) -> float:
 
 
 def _time_cpu(fn: Callable[[int], object], n_sets: int, repeat: int) -> float:
-    fn(0)
+    for i in range(3):  # warm-up: first calls pay for allocation and lazy initialisation
+        fn(i % n_sets)
     times = []
     for i in range(repeat):
         t0 = time.perf_counter()

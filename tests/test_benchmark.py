@@ -1,0 +1,49 @@
+"""The benchmark harness and the CLI on the CPU: CI exercises the same code a GPU run uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit_engine import benchmark, cli
+
+EXPECTED_KERNELS = {"torch_matmul_bf16", "quantize_act_int4_r32", "quantize_act_int8_r32", "gemm_w4a4_r32",
+                    "svdq_w4a4_linear_r32", "svdq_w4a8_linear_r32"}
+
+
+def test_cpu_run_reports_every_kernel_with_its_backend():
+    report = benchmark.run(device="cpu", shapes=[(17, 128, 64)], repeat=2)
+    assert {"gpu", "commit", "torch", "build_info", "results", "timestamp"} <= set(report)
+    rows = {r["kernel"]: r for r in report["results"]}
+    assert set(rows) == EXPECTED_KERNELS
+    assert rows["gemm_w4a4_r32"]["backend"] == "cpu"
+    assert rows["svdq_w4a4_linear_r32"]["backend"] == "cpu"  # both ops of the composite ran on the C++ ref
+    for r in report["results"]:
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0 and not r["fallback"]
+        assert r["ratio_vs_bf16"] == pytest.approx(rows["torch_matmul_bf16"]["median_ms"] / r["median_ms"])
+    assert "CPU run" in report["note"]
+
+
+def test_kernel_filter_and_table():
+    report = benchmark.run(device="cpu", shapes=[(1, 64, 64)], repeat=1, kernels=["quantize"])
+    assert {r["kernel"] for r in report["results"]} == {"quantize_act_int4_r32", "quantize_act_int8_r32"}
+    table = benchmark.format_table(report)
+    assert "quantize_act_int4_r32" in table and "TFLOP/s" in table
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert cli.main(["bench", "kernels", "--device", "cpu", "--repeat", "1", "--kernels", "gemm", "--out",
+                     str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"] and all(r["kernel"] == "gemm_w4a4_r32" for r in data["results"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_info_and_demo(capsys):
+    assert cli.main(["info"]) == 0
+    assert '"cpu_reference": true' in capsys.readouterr().out
+    assert cli.main(["demo", "--device", "cpu", "--tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "SQNR" in text and "backends that ran" in text and "quantize_act=cpu" in text
