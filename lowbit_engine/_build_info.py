@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Any
 
 
+@functools.cache  # asked on every op call by dispatch: import once (and fail once)
 def native():
     """The compiled module ``lowbit_engine._C``, or None when it is missing (a source tree never built)."""
     try:
