@@ -1,0 +1,21 @@
+"""Quantized modules that replace ``nn.Linear``.
+
+``QUANTIZED_MODULES`` maps a class name to its class: the checkpoint code stores the name next to each
+layer's :meth:`config` and rebuilds the layer with ``QUANTIZED_MODULES[name].from_config(cfg)``. Each new
+format's module adds itself here.
+
+Example:
+    >>> from lowbit_engine.nn import QUANTIZED_MODULES, SVDQLinear
+    >>> QUANTIZED_MODULES["SVDQLinear"] is SVDQLinear
+    True
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .svdq_linear import SVDQLinear
+
+QUANTIZED_MODULES: dict[str, type[nn.Module]] = {"SVDQLinear": SVDQLinear}
+
+__all__ = ["QUANTIZED_MODULES", "SVDQLinear"]

@@ -1,0 +1,76 @@
+"""One entry to quantize a linear layer into any format's module.
+
+Example:
+    >>> import torch
+    >>> from lowbit_engine.quantize import quantize_linear
+    >>> lin = torch.nn.Linear(256, 128).to(torch.bfloat16)
+    >>> calib = torch.randn(64, 256, dtype=torch.bfloat16)          # inputs the layer sees
+    >>> q = quantize_linear(lin, "svdq-int4", calib=calib, rank=16)
+    >>> type(q).__name__, q(calib).shape
+    ('SVDQLinear', torch.Size([64, 128]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .errors import UnknownFormatError
+from .formats import FORMATS
+from .nn import SVDQLinear
+
+# format -> builder(linear, calib, rank, **opts). Formats listed in FORMATS but absent here have their
+# layout and references but no module yet.
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "svdq-int4": lambda linear, calib, rank, **opts: SVDQLinear.from_linear(linear, calib, rank, "svdq-int4", **opts),
+    "svdq-w4a8": lambda linear, calib, rank, **opts: SVDQLinear.from_linear(linear, calib, rank, "svdq-w4a8", **opts),
+}
+
+
+def available_formats() -> list[str]:
+    """The formats :func:`quantize_linear` can build a module for today."""
+    return sorted(_BUILDERS)
+
+
+def quantize_linear(linear: nn.Linear, fmt: str, *, calib: Tensor | None = None, rank: int = 32,
+                    **opts: Any) -> nn.Module:
+    """Quantize one ``nn.Linear`` into the module of format ``fmt``.
+
+    Args:
+        linear: the float layer (any float dtype; its device is where the quantization runs).
+        fmt: a format name (``lowbit_engine.formats.FORMATS``); buildable now: "svdq-int4", "svdq-w4a8".
+        calib: activations at the layer's input, ``[..., K]``. SVDQuant uses them to pick the smoothing;
+            without them it quantizes with no smoothing and warns (``NoCalibrationWarning``).
+        rank: rank of the SVDQuant low-rank branch (0 for none).
+        opts: passed to the format's builder; for SVDQuant: ``act_mode`` ("int8" or "fp8" for
+            svdq-w4a8), ``dtype``, ``alphas``, ``smoothing``, ``refine_iters``, ``max_eval_tokens``, ``seed``.
+
+    Raises:
+        UnknownFormatError: ``fmt`` is not a format name (the message lists the known ones).
+        NotImplementedError: ``fmt`` is a known format whose module does not exist yet.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(128, 64)
+        >>> q = quantize_linear(lin, "svdq-w4a8", calib=torch.randn(32, 128), rank=8, act_mode="fp8")
+        >>> q.fmt, q.act_mode
+        ('svdq-w4a8', 'fp8')
+        >>> quantize_linear(lin, "int3")
+        Traceback (most recent call last):
+        ...
+        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+    """
+    if fmt not in FORMATS:
+        raise UnknownFormatError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
+    if fmt not in _BUILDERS:
+        raise NotImplementedError(
+            f"format {fmt!r} is known (layout and references exist) but its quantized module is not built "
+            f"yet; quantize_linear builds: {', '.join(available_formats())}")
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"quantize_linear: expected an nn.Linear, got {type(linear).__name__}")
+    return _BUILDERS[fmt](linear, calib, rank, **opts)
+
+
+__all__ = ["available_formats", "quantize_linear"]
