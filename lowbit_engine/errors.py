@@ -16,3 +16,11 @@ class UnknownFormatError(ValueError):
 
 class ReferenceFallbackWarning(UserWarning):
     """An op ran the slow torch reference because no CUDA or Triton kernel applied (emitted once per case)."""
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint cannot be read or does not fit the model it is loaded into.
+
+    The message names the file, the module, what was expected and what came. Raised before the model is
+    touched: a failed load leaves it exactly as it was.
+    """
