@@ -1,6 +1,8 @@
 """lowbit-engine: a low-bit inference engine for diffusion transformers.
 
-Formats live in :mod:`lowbit_engine.formats`, the torch references of every kernel in
+``quantize_linear(linear, "svdq-int4", calib=x)`` turns an ``nn.Linear`` into an :class:`SVDQLinear`;
+``save`` / ``load_checkpoint`` store and restore quantized modules. Formats live in
+:mod:`lowbit_engine.formats`, the torch references of every kernel in
 :mod:`lowbit_engine.reference`, and the dispatching custom ops in :mod:`lowbit_engine.ops`.
 
 Example:
@@ -12,7 +14,11 @@ Example:
 
 from __future__ import annotations
 
-from ._build_info import build_info
+__version__ = "0.1.0"  # before the imports below: checkpoints record it
 
-__version__ = "0.1.0"
-__all__ = ["build_info", "__version__"]
+from ._build_info import build_info
+from .checkpoint import load_checkpoint, save
+from .nn import SVDQLinear
+from .quantize import quantize_linear
+
+__all__ = ["build_info", "quantize_linear", "save", "load_checkpoint", "SVDQLinear", "__version__"]
