@@ -62,7 +62,7 @@ class Result:
 
 @dataclass
 class Case:
-    """One thing to time on one shape: ``make(i)`` returns the i-th rotated callable's inputs."""
+    """One thing to time on one shape: ``fn(i)`` runs it on the i-th of the rotated input sets."""
 
     kernel: str
     flops: float
@@ -183,7 +183,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
 
     # GEMMs on pre-quantized activations, and the whole SVDQuant linear (quantizer + GEMM) per layer.
     pre = [ops.quantize_act(*q4_args(i)) for i in range(len(sets))] if _runs_natively(
-        "quantize_act", q4_args(0), on_gpu) else None
+        "quantize_act", q4_args(0)) else None
     w_bytes = N * K / 2 + 2 * N * K / 64 + bf * N * RANK + bf * N
 
     def w4a4_args(i):
@@ -208,7 +208,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     return cases
 
 
-def _runs_natively(op: str, args: tuple | None, on_gpu: bool) -> bool:
+def _runs_natively(op: str, args: tuple | None) -> bool:
     if args is None:
         return False
     return _dispatch.select(op, *args).name != "torch"

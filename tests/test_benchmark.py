@@ -46,4 +46,4 @@ def test_cli_info_and_demo(capsys):
     assert '"cpu_reference": true' in capsys.readouterr().out
     assert cli.main(["demo", "--device", "cpu", "--tokens", "8"]) == 0
     text = capsys.readouterr().out
-    assert "SQNR" in text and "backends that ran" in text and "quantize_act=cpu" in text
+    assert "SVDQuant svdq-int4 r32" in text and "backends that ran" in text and "quantize_act=cpu" in text
