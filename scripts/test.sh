@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec python -m pytest -q tests "$@"
+exec python -m pytest -q "$@"   # testpaths in pyproject.toml: tests/ and the docstring examples
