@@ -1,0 +1,14 @@
+"""Integrations with model libraries: :func:`load` quantizes a diffusers pipeline's transformer in place.
+
+Example:
+    >>> from lowbit_engine.integrations import load, POLICIES
+    >>> sorted(POLICIES)
+    ['flux', 'generic', 'pixart', 'sana', 'sd3', 'wan']
+"""
+
+from __future__ import annotations
+
+from .diffusers import LoadReport, last_report, load, save
+from .policies import POLICIES, Policy, Rule, policy_for
+
+__all__ = ["load", "save", "last_report", "LoadReport", "Policy", "Rule", "POLICIES", "policy_for"]

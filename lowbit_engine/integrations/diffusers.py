@@ -1,0 +1,601 @@
+"""``load(pipe, "svdq-int4")``: quantize a diffusers transformer in place, or load a saved checkpoint into it.
+
+The steps, in order:
+
+1. pick the architecture's policy table (:mod:`lowbit_engine.integrations.policies`);
+2. fuse Q, K and V into one GEMM with diffusers' own ``fuse_qkv_projections()`` where the policy says it
+   works; the separate projections it leaves behind are unused afterwards and are removed (their memory
+   would otherwise stay);
+3. calibrate: forward pre-hooks on every layer to quantize keep a uniform random sample of its input tokens
+   while the user's calibration inputs run (``calib``);
+4. replace every such layer, on its parent, by ``quantize_linear(layer, fmt, calib=tokens, rank=rank)``.
+
+With ``checkpoint=`` step 3 and 4 become :func:`lowbit_engine.load_checkpoint` (no calibration).
+
+The call returns the object it was given. The :class:`LoadReport` (what was quantized, what was kept and
+why, memory before and after) is printed unless ``progress=False``, stored at ``obj._lowbit_report`` and
+returned by :func:`last_report`.
+
+Example:
+    >>> import torch, warnings
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(torch.bfloat16)
+    >>> calib = [{"input": torch.randn(16, 64, dtype=torch.bfloat16)}]
+    >>> _ = load(model, "svdq-int4", rank=8, calib=calib, progress=False)
+    >>> [type(m).__name__ for m in model]
+    ['SVDQLinear', 'GELU', 'SVDQLinear']
+    >>> last_report().num_quantized
+    2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .. import checkpoint as ckpt
+from ..errors import CheckpointError, UnknownFormatError
+from ..formats import FORMATS
+from ..quant.svdquant import NoCalibrationWarning
+from ..quantize import available_formats, quantize_linear
+from .policies import KEEP, USER_SKIP, Policy, Rule, policy_for
+
+MAX_CALIB_TOKENS = 512  # tokens kept per layer: enough for the alpha search, bounded memory
+SIDECAR_SUFFIX = ".json"  # "<checkpoint>.json" records the architecture, its config, fmt and rank
+_FUSED_NAMES = ("to_qkv", "to_added_qkv", "to_kv")
+# fused child -> the separate projections it replaces (they are dead weight once the fused one runs)
+_SUPERSEDES = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+               "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+_LAST_REPORT: LoadReport | None = None
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load` did. ``str(report)`` is a readable summary.
+
+    Attributes:
+        architecture: the transformer's class name; ``policy``: the table used.
+        fmt, rank: the format and low-rank branch rank asked for.
+        source: "calibrated", "uncalibrated" or "checkpoint".
+        quantized: format -> names of the layers quantized (or loaded) in that format.
+        kept: reason -> names of the linear layers left as they were.
+        qkv_fused: whether Q/K/V were fused; ``qkv_note`` says how or why not.
+        removed: the separate Q/K/V projections dropped after fusion (unused by the fused attention).
+        uncalibrated: quantized layers that saw no calibration tokens (quantized without smoothing).
+        calib_runs: calibration forward calls (or pipeline calls) made.
+        bytes_before, bytes_after: parameter + buffer bytes of the transformer before and after.
+        seconds: wall time of the whole call.
+    """
+
+    architecture: str
+    policy: str
+    fmt: str
+    rank: int
+    source: str = "uncalibrated"
+    quantized: dict[str, list[str]] = field(default_factory=dict)
+    kept: dict[str, list[str]] = field(default_factory=dict)
+    qkv_fused: bool = False
+    qkv_note: str = ""
+    removed: list[str] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
+    calib_runs: int = 0
+    checkpoint: str | None = None
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def num_quantized(self) -> int:
+        return sum(len(v) for v in self.quantized.values())
+
+    @property
+    def num_kept(self) -> int:
+        return sum(len(v) for v in self.kept.values())
+
+    def __str__(self) -> str:
+        mib = 2.0 ** 20
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        src = {"checkpoint": f"checkpoint {self.checkpoint}",
+               "calibrated": f"calibrated ({self.calib_runs} run(s), up to {MAX_CALIB_TOKENS} tokens per layer)",
+               "uncalibrated": "no calibration: no smoothing (pass calib= for W4A4 quality)"}[self.source]
+        lines = [f"lowbit-engine: {self.architecture} (policy {self.policy}), {self.fmt} rank {self.rank}, {src}"]
+        for fmt, names in self.quantized.items():
+            lines.append(f"  quantized {fmt}: {len(names)} layers")
+        for reason, names in self.kept.items():
+            shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+            lines.append(f"  kept {len(names)}: {reason} [{shown}]")
+        lines.append(f"  QKV fused: {'yes' if self.qkv_fused else 'no'} ({self.qkv_note})")
+        if self.removed:
+            lines.append(f"  removed {len(self.removed)} separate Q/K/V projections superseded by the fused ones")
+        if self.uncalibrated and self.source == "calibrated":
+            lines.append(f"  {len(self.uncalibrated)} layers saw no calibration tokens (no smoothing): "
+                         f"{', '.join(self.uncalibrated[:3])}{' ...' if len(self.uncalibrated) > 3 else ''}")
+        lines.append(f"  memory: {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB "
+                     f"({ratio:.2f}x smaller), {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def last_report() -> LoadReport | None:
+    """The report of the most recent :func:`load` call in this process (None before the first)."""
+    return _LAST_REPORT
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+
+def resolve_transformer(obj: Any) -> nn.Module:
+    """The transformer of a pipeline (``obj.transformer``), or ``obj`` itself if it is an ``nn.Module``.
+
+    Raises TypeError for anything else.
+
+    Example:
+        >>> resolve_transformer(nn.Linear(64, 64)).__class__.__name__
+        'Linear'
+    """
+    if isinstance(obj, nn.Module):
+        return obj
+    transformer = getattr(obj, "transformer", None)
+    if isinstance(transformer, nn.Module):
+        return transformer
+    raise TypeError(f"lowbit_engine.load: expected a diffusers pipeline with a .transformer or an nn.Module, "
+                    f"got {type(obj).__name__}")
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each tensor counted once."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _check_format(fmt: str) -> None:
+    # The same checks quantize_linear makes, made before the model is touched.
+    if fmt not in FORMATS:
+        raise UnknownFormatError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
+    if fmt not in available_formats():
+        raise NotImplementedError(f"format {fmt!r} has no quantized module yet; load builds: "
+                                  f"{', '.join(available_formats())}")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm comes with diffusers; without it, no bar
+            return items
+        return tqdm(items, desc=desc, leave=False)
+    return items
+
+
+def _config_dict(transformer: nn.Module) -> dict[str, Any]:
+    """The diffusers config of the transformer as JSON reads it back (private ``_`` keys dropped)."""
+    cfg = getattr(transformer, "config", None)
+    if cfg is None:
+        return {}
+    return json.loads(json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")}, default=str))
+
+
+# ---- QKV fusion, undoable ----------------------------------------------------------------------
+
+
+class _FusionSnapshot:
+    """What QKV fusion changes (children, ``fused_projections``, processors), so a failed load can undo it."""
+
+    _MISSING = object()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved = [(m, dict(m._modules), m.__dict__.get("fused_projections", self._MISSING),
+                       m.__dict__.get("processor", self._MISSING))
+                      for m in model.modules() if hasattr(m, "to_q") or "processor" in m.__dict__]
+        self.root_procs = model.__dict__.get("original_attn_processors", self._MISSING)
+
+    def restore(self) -> None:
+        for m, children, fused, proc in self.saved:
+            m._modules.clear()
+            m._modules.update(children)
+            for key, value in (("fused_projections", fused), ("processor", proc)):
+                if value is self._MISSING:
+                    m.__dict__.pop(key, None)
+                else:
+                    m.__dict__[key] = value
+        if self.root_procs is self._MISSING:
+            self.model.__dict__.pop("original_attn_processors", None)
+        else:
+            self.model.__dict__["original_attn_processors"] = self.root_procs
+
+
+def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
+    """Fuse Q/K/V with diffusers' ``fuse_qkv_projections()`` and drop the separate projections it supersedes.
+
+    Returns ``(fused, note, removed names)``. A model without the method, or whose call raises or creates
+    no fused layer, is left as it was (``fused`` False, the note says why).
+    """
+    fn = getattr(transformer, "fuse_qkv_projections", None)
+    if fn is None:
+        return False, "the model has no fuse_qkv_projections()", []
+    snap = _FusionSnapshot(transformer)
+    try:
+        fn()
+    except Exception as e:  # diffusers raises ValueError for added-KV processors; anything else: same answer
+        snap.restore()
+        return False, f"fuse_qkv_projections() failed: {type(e).__name__}: {e}", []
+    fused = [n for n, _ in transformer.named_modules() if n.rpartition(".")[2] in _FUSED_NAMES]
+    if not fused:
+        snap.restore()
+        return False, "fuse_qkv_projections() created no fused projection (not supported by these attentions)", []
+    removed = []
+    for name in fused:
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
+        for old in _SUPERSEDES[child]:
+            if old in parent._modules:
+                del parent._modules[old]  # the fused attention never calls it again; free its weights
+                removed.append(f"{parent_name}.{old}")
+    kinds = sorted({n.rpartition(".")[2] for n in fused})
+    return True, f"diffusers fuse_qkv_projections(): {len(fused)} fused layers ({', '.join(kinds)})", removed
+
+
+# ---- calibration --------------------------------------------------------------------------------
+
+
+class _TokenSampler:
+    """A uniform random sample of at most ``limit`` input tokens of one layer, over all its calls.
+
+    Every token gets a random key and the ``limit`` smallest keys are kept (sampling without replacement
+    across calls, in bounded memory); tokens are stored on the CPU.
+    """
+
+    def __init__(self, limit: int, gen: torch.Generator):
+        self.limit, self.gen = limit, gen
+        self.tokens: Tensor | None = None
+        self.keys: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        x = args[0] if args else (kwargs or {}).get("input")
+        if not isinstance(x, Tensor):
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).to("cpu")
+        keys = torch.rand(x.shape[0], generator=self.gen)
+        if self.tokens is not None:
+            x, keys = torch.cat([self.tokens, x.to(self.tokens.dtype)]), torch.cat([self.keys, keys])
+        if x.shape[0] > self.limit:
+            keep = keys.topk(self.limit, largest=False).indices
+            x, keys = x[keep], keys[keep]
+        self.tokens, self.keys = x.contiguous(), keys
+
+
+def _calib_items(obj: Any, transformer: nn.Module, calib: Any) -> list[Any] | Callable[[Any], Any]:
+    """``calib`` checked (before the model is touched): a callable, or a list of dicts / prompt strings."""
+    if callable(calib):
+        return calib
+    items = [calib] if isinstance(calib, (str, dict)) else list(calib)
+    for item in items:
+        if isinstance(item, str):
+            if obj is transformer:
+                raise TypeError("calib prompts need a pipeline; for a bare transformer pass dicts of forward kwargs")
+            if hasattr(obj, "text_encoder") and obj.text_encoder is None:
+                raise ValueError("calib prompts need the pipeline's text encoders (text_encoder is None); pass "
+                                 "dicts of transformer kwargs or a callable that runs the pipeline")
+        elif not isinstance(item, dict):
+            raise TypeError(f"calib items must be dicts of transformer kwargs or prompt strings, "
+                            f"got {type(item).__name__}")
+    return items
+
+
+def _run_calibration(obj: Any, transformer: nn.Module, calib: Any, calib_steps: int,
+                     calib_kwargs: dict[str, Any]) -> int:
+    """Run the calibration inputs; returns how many runs were made."""
+    items = _calib_items(obj, transformer, calib)
+    if callable(items):
+        items(obj)
+        return 1
+    for item in items:
+        if isinstance(item, dict):
+            transformer(**item)
+        else:  # a prompt: a few denoising steps of the pipeline itself, latents out (no VAE decode)
+            obj(**{"prompt": item, "num_inference_steps": calib_steps, "output_type": "latent", **calib_kwargs})
+    return len(items)
+
+
+def collect_activations(obj: Any, transformer: nn.Module, names: Sequence[str], calib: Any, *,
+                        calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
+                        max_tokens: int = MAX_CALIB_TOKENS, seed: int = 0) -> tuple[dict[str, Tensor], int]:
+    """Input tokens of each layer in ``names`` while ``calib`` runs: ``({name: [T, K]}, runs)``.
+
+    Layers that were never called are absent from the dict.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    samplers = {n: _TokenSampler(max_tokens, gen) for n in names}
+    hooks = [transformer.get_submodule(n).register_forward_pre_hook(s, with_kwargs=True)
+             for n, s in samplers.items()]
+    try:
+        with torch.no_grad():
+            runs = _run_calibration(obj, transformer, calib, calib_steps, calib_kwargs or {})
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: s.tokens for n, s in samplers.items() if s.tokens is not None}, runs
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+
+def plan_layers(transformer: nn.Module, policy: Policy, skip: Sequence[str] | None = None) -> dict[str, Rule]:
+    """Every ``nn.Linear`` of the model and the rule that applies to it (``skip`` regexes win, as kept)."""
+    import re
+
+    skips = [re.compile(s) for s in (skip or [])]
+    plan = {}
+    for name, mod in transformer.named_modules():
+        if not isinstance(mod, nn.Linear) or not name:
+            continue
+        if any(rx.fullmatch(name) for rx in skips):
+            plan[name] = Rule(".*", KEEP, USER_SKIP)
+        else:
+            plan[name] = policy.decide(name, mod.in_features)
+    return plan
+
+
+def _kept_by_reason(plan: dict[str, Rule]) -> dict[str, list[str]]:
+    kept: dict[str, list[str]] = {}
+    for name, rule in plan.items():
+        if rule.action == KEEP:
+            kept.setdefault(rule.reason, []).append(name)
+    return kept
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save` writes the architecture record: ``<checkpoint>.json``."""
+    return Path(str(path) + SIDECAR_SUFFIX)
+
+
+def save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Save the quantized layers of a pipeline's transformer (or of a module) and a sidecar JSON.
+
+    The safetensors file is :func:`lowbit_engine.checkpoint.save`'s; ``<path>.json`` records the
+    transformer's class, its diffusers config, the formats and ranks, and whether QKV was fused, so that
+    loading into another architecture or config is a clear :class:`CheckpointError`.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> model = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+        >>> _ = load(model, "svdq-int4", rank=8, calib=[{"input": torch.randn(8, 64, dtype=torch.bfloat16)}],
+        ...      progress=False)
+        >>> p = save(model, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+        >>> json.loads(sidecar_path(p).read_text())["architecture"]
+        'Sequential'
+    """
+    transformer = resolve_transformer(obj)
+    path = ckpt.save(transformer, path)
+    mods = ckpt.quantized_modules(transformer)
+    configs = [m.config() for m in mods.values() if hasattr(m, "config")]
+    record = {
+        "architecture": type(transformer).__name__,
+        "config": _config_dict(transformer),
+        "formats": sorted({c.get("format") for c in configs}),
+        "ranks": sorted({c.get("rank") for c in configs}),
+        "qkv_fused": any(n.rpartition(".")[2] in _FUSED_NAMES for n in mods),
+    }
+    sidecar_path(path).write_text(json.dumps(record, indent=1, sort_keys=True))
+    return path
+
+
+def _checkpoint_modules(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``modules`` record of a checkpoint's metadata (raises CheckpointError if it cannot be read)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {})[ckpt.METADATA_KEY])
+        return dict(meta["modules"])
+    except Exception as e:  # unreadable, not ours, garbled: load_checkpoint words it best, but it needs a model
+        raise CheckpointError(f"{path}: not a readable lowbit-engine checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _check_sidecar(path: Path, transformer: nn.Module, fmt: str, rank: int) -> None:
+    side = sidecar_path(path)
+    if not side.exists():
+        return  # a plain lowbit_engine.save file: load_checkpoint's own checks still apply
+    record = json.loads(side.read_text())
+    arch = type(transformer).__name__
+    if record.get("architecture") != arch:
+        raise CheckpointError(f"{path}: saved from a {record.get('architecture')}, the model is a {arch}")
+    want, have = record.get("config", {}), _config_dict(transformer)
+    diff = {k: (want.get(k), have.get(k)) for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)}
+    if diff:
+        raise CheckpointError(f"{path}: the {arch} has another config; (checkpoint, model): {diff}")
+    if record.get("formats") != [fmt] or record.get("ranks") != [rank]:
+        raise CheckpointError(f"{path}: holds formats {record.get('formats')} rank {record.get('ranks')}; "
+                              f"load asked for {fmt!r} rank {rank}")
+
+
+def _precheck(path: Path, modules: dict[str, dict[str, Any]], shapes: dict[str, tuple[int, int, bool]],
+              fmt: str) -> None:
+    """Every checkpoint module must land on a linear of the (planned) model with its shape: cheap, no tensors."""
+    for name, rec in modules.items():
+        cfg = rec.get("config", {}) if isinstance(rec, dict) else {}
+        if cfg.get("format") != fmt:
+            raise CheckpointError(f"{path}: module {name!r} is {cfg.get('format')!r}; load asked for {fmt!r}")
+        want = (cfg.get("in_features"), cfg.get("out_features"), cfg.get("has_bias"))
+        if name not in shapes:
+            raise CheckpointError(f"{path}: module {name!r}: no nn.Linear of that name in the model")
+        if shapes[name] != want:
+            raise CheckpointError(f"{path}: module {name!r}: (in, out, bias) {want} in the checkpoint, "
+                                  f"{shapes[name]} in the model")
+
+
+def _planned_shapes(transformer: nn.Module, fuse: bool) -> dict[str, tuple[int, int, bool]]:
+    """(in, out, bias) of every linear, with the fused Q/K/V layers fusion would create (nothing touched)."""
+    shapes = {n: (m.in_features, m.out_features, m.bias is not None)
+              for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    if fuse:
+        for fused, parts in _SUPERSEDES.items():
+            for n in list(shapes):
+                prefix, _, child = n.rpartition(".")
+                if child != parts[0] or not all(f"{prefix}.{p}" in shapes for p in parts):
+                    continue
+                ins, outs, bias = zip(*(shapes[f"{prefix}.{p}"] for p in parts))
+                shapes[f"{prefix}.{fused}"] = (ins[0], sum(outs), bias[0])
+    return shapes
+
+
+def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: int, report: LoadReport) -> None:
+    _check_sidecar(path, transformer, fmt, rank)
+    modules = _checkpoint_modules(path)
+    wants_fused = any(n.rpartition(".")[2] in _FUSED_NAMES for n in modules)
+    _precheck(path, modules, _planned_shapes(transformer, wants_fused), fmt)
+    snap = _FusionSnapshot(transformer)
+    if wants_fused:
+        fused, note, removed = fuse_qkv(transformer)
+        if not fused:
+            raise CheckpointError(f"{path}: holds fused Q/K/V layers but this model cannot fuse: {note}")
+        report.qkv_fused, report.qkv_note, report.removed = True, note, removed
+    else:
+        report.qkv_note = "the checkpoint holds separate Q/K/V projections"
+    try:
+        ckpt.load_checkpoint(path, transformer)
+    except CheckpointError:
+        snap.restore()  # the fusion happened before the failed load: undo it, the model is as it was
+        raise
+    report.source, report.checkpoint = "checkpoint", str(path)
+    for name, rec in modules.items():
+        report.quantized.setdefault(rec["config"]["format"], []).append(name)
+    others = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    if others:
+        report.kept["not in the checkpoint"] = others
+
+
+# ---- the entry point ----------------------------------------------------------------------------
+
+
+def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
+         checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | None = None,
+         policy: Policy | str | None = None, calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
+         fuse_qkv_projections: bool = True, max_calib_tokens: int = MAX_CALIB_TOKENS,
+         quant_opts: dict[str, Any] | None = None, progress: bool = True) -> Any:
+    """Quantize the transformer of ``obj`` (a diffusers pipeline or a bare ``nn.Module``) in place.
+
+    Args:
+        obj: a pipeline (its ``.transformer`` is used) or the transformer / any module itself.
+        fmt: a format :func:`lowbit_engine.quantize_linear` builds ("svdq-int4", "svdq-w4a8").
+        rank: rank of the SVDQuant low-rank branch.
+        calib: calibration inputs: a list of dicts of transformer forward kwargs; a callable run as
+            ``calib(obj)``; or, for a pipeline with text encoders, a list of prompt strings (each runs the
+            pipeline for ``calib_steps`` steps with ``output_type="latent"`` and ``calib_kwargs``, e.g. a
+            small ``height``/``width``). None: no smoothing (the report says so; one warning).
+        checkpoint: a file from :func:`save`: fuse as it was saved and load it, no calibration.
+        skip: regexes of layer names (``re.fullmatch``) to keep as they are, on top of the policy.
+        policy: a :class:`Policy`, a policy name ("flux", "sd3", "pixart", "sana", "wan", "generic") or
+            None to pick one by the transformer's class.
+        fuse_qkv_projections: False keeps Q, K and V separate even where fusion works.
+        max_calib_tokens: tokens kept per layer (a uniform sample over all calibration calls).
+        quant_opts: passed to ``quantize_linear`` (e.g. ``{"act_mode": "fp8"}``, ``{"alphas": (0.5,)}``).
+        progress: a progress bar over layers, and print the report.
+
+    Returns:
+        ``obj`` itself; the :class:`LoadReport` is at ``obj._lowbit_report`` and :func:`last_report`.
+
+    Raises:
+        UnknownFormatError: ``fmt`` is not a format name (nothing is modified).
+        TypeError: ``obj`` is neither a pipeline nor an ``nn.Module``.
+        CheckpointError: the checkpoint does not fit the model (which is left as it was).
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+        >>> load(model, "int3")
+        Traceback (most recent call last):
+        ...
+        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+    """
+    global _LAST_REPORT
+    start = time.perf_counter()
+    _check_format(fmt)
+    transformer = resolve_transformer(obj)
+    chosen = policy_for(transformer, policy)
+    if calib is not None and not callable(calib) and not isinstance(calib, (str, dict)):
+        calib = list(calib)  # a generator would be used up by the check below
+    if calib is not None and checkpoint is None:
+        _calib_items(obj, transformer, calib)  # a bad calib fails here, before fusion touches the model
+    report = LoadReport(type(transformer).__name__, chosen.name, fmt, rank, bytes_before=model_nbytes(transformer))
+
+    if checkpoint is not None:
+        _load_from_checkpoint(transformer, Path(checkpoint), fmt, rank, report)
+    else:
+        _quantize(obj, transformer, chosen, report, rank=rank, calib=calib, skip=skip, calib_steps=calib_steps,
+                  calib_kwargs=calib_kwargs, fuse=fuse_qkv_projections, max_tokens=max_calib_tokens,
+                  quant_opts=quant_opts or {}, progress=progress)
+
+    report.bytes_after = model_nbytes(transformer)
+    report.seconds = time.perf_counter() - start
+    _LAST_REPORT = report
+    for target in {id(obj): obj, id(transformer): transformer}.values():
+        try:
+            target._lowbit_report = report  # nn.Module.__setattr__ keeps a plain attribute for non-tensors
+        except AttributeError:
+            pass
+    if progress:
+        print(report)
+    return obj
+
+
+def _quantize(obj: Any, transformer: nn.Module, policy: Policy, report: LoadReport, *, rank: int, calib: Any,
+              skip: Sequence[str] | None, calib_steps: int, calib_kwargs: dict[str, Any] | None, fuse: bool,
+              max_tokens: int, quant_opts: dict[str, Any], progress: bool) -> None:
+    if fuse and policy.fuse_qkv:
+        report.qkv_fused, report.qkv_note, report.removed = fuse_qkv(transformer)
+    elif not fuse:
+        report.qkv_note = "fuse_qkv_projections=False"
+    else:
+        report.qkv_note = f"not enabled in the {policy.name} policy"
+
+    plan = plan_layers(transformer, policy, skip)
+    todo = [n for n, r in plan.items() if r.action != KEEP]
+    report.kept = _kept_by_reason(plan)
+
+    acts: dict[str, Tensor] = {}
+    if calib is not None:
+        acts, report.calib_runs = collect_activations(obj, transformer, todo, calib, calib_steps=calib_steps,
+                                                      calib_kwargs=calib_kwargs, max_tokens=max_tokens)
+        report.source = "calibrated"
+    report.uncalibrated = [n for n in todo if n not in acts]
+
+    with warnings.catch_warnings():
+        # One summary warning below rather than one per layer.
+        warnings.simplefilter("ignore", NoCalibrationWarning)
+        for name in _progress(todo, progress, "lowbit-engine: quantizing"):
+            layer = transformer.get_submodule(name)
+            # A layer narrower than the rank (only in small or generic models) gets the largest rank it has.
+            r = min(rank, layer.in_features, layer.out_features)
+            q = quantize_linear(layer, report.fmt, calib=acts.pop(name, None), rank=r, **quant_opts)
+            q.train(layer.training)
+            _set_submodule(transformer, name, q)
+            report.quantized.setdefault(report.fmt, []).append(name)
+    if report.uncalibrated:
+        warnings.warn(f"lowbit_engine.load: {len(report.uncalibrated)} of {len(todo)} layers were quantized "
+                      "without calibration tokens (no smoothing); pass calib= for W4A4 quality",
+                      NoCalibrationWarning, stacklevel=3)
+
+
+__all__ = ["load", "save", "LoadReport", "last_report", "resolve_transformer", "model_nbytes", "fuse_qkv",
+           "collect_activations", "plan_layers", "sidecar_path"]
