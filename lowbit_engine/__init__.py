@@ -1,6 +1,7 @@
 """lowbit-engine: a low-bit inference engine for diffusion transformers.
 
-``quantize_linear(linear, "svdq-int4", calib=x)`` turns an ``nn.Linear`` into an :class:`SVDQLinear`;
+``load(pipe)`` quantizes a diffusers pipeline's transformer in place (or loads a saved checkpoint into it);
+``quantize_linear(linear, "svdq-int4", calib=x)`` turns one ``nn.Linear`` into an :class:`SVDQLinear`;
 ``save`` / ``load_checkpoint`` store and restore quantized modules. Formats live in
 :mod:`lowbit_engine.formats`, the torch references of every kernel in
 :mod:`lowbit_engine.reference`, and the dispatching custom ops in :mod:`lowbit_engine.ops`.
@@ -17,8 +18,10 @@ from __future__ import annotations
 __version__ = "0.1.0"  # before the imports below: checkpoints record it
 
 from ._build_info import build_info
-from .checkpoint import load_checkpoint, save
+from .checkpoint import load_checkpoint
+from .integrations import last_report, load, save
 from .nn import SVDQLinear
 from .quantize import quantize_linear
 
-__all__ = ["build_info", "quantize_linear", "save", "load_checkpoint", "SVDQLinear", "__version__"]
+__all__ = ["build_info", "load", "save", "last_report", "quantize_linear", "load_checkpoint", "SVDQLinear",
+           "__version__"]
