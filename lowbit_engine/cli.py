@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -24,46 +25,64 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Quantize one FLUX-shaped linear layer with outliers: naive W4A4 vs SVDQuant W4A4 / W4A8."""
+    """Build (or load) a FLUX pipeline, run it in bf16, quantize it with ``load``, run it again, compare."""
     import warnings
 
-    from . import build_info, ops, quantize_linear
-    from .formats import int4
+    from . import build_info, load
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    K = N = 3072 if device == "cuda" else 1024
     print(f"lowbit-engine demo on {device}; build: {build_info()}")
-    if device == "cpu":
-        print(f"(no GPU: a {K}x{N} layer on the C++ CPU references; on a GPU it is FLUX.1's 3072x3072)")
-    gen = torch.Generator().manual_seed(0)
-    boost = 1 + 60 * (torch.rand(K, generator=gen) > 0.995).float()  # a few outlier channels
+    if args.model:
+        import diffusers
 
-    def tokens(n: int) -> torch.Tensor:
-        return (torch.randn(n, K, generator=gen) * boost).to(torch.bfloat16)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16).to(device)
+        size = args.size or 1024
+        call: dict = {"prompt": args.prompt}
+        calib_call: dict = {"prompt": "a watercolor of a lighthouse at dusk"}
+    else:
+        from .integrations.tiny import tiny_flux_pipeline
 
-    linear = torch.nn.Linear(K, N).to(torch.bfloat16)
-    calib, x = tokens(256), tokens(args.tokens)
-    ref = (x.double() @ linear.weight.double().T + linear.bias.double()).detach()
+        why = "no GPU" if device == "cpu" else "no --model given"
+        print(f"({why}: a tiny FLUX pipeline built from config with random weights; the images are noise-like, "
+              "the comparison with bf16 is what matters)")
+        pipe, emb = tiny_flux_pipeline(seed=0)
+        pipe = pipe.to(device)
+        size = args.size or 64
+        emb = {k: v.to(device) for k, v in emb.items()}
+        call, calib_call = dict(emb, guidance_scale=1.0), {k: v.roll(1, dims=-1) for k, v in emb.items()}
+    call.update(height=size, width=size, num_inference_steps=args.steps, output_type="pt")
 
-    def sqnr(out: torch.Tensor) -> float:
-        out = out.detach().double().cpu()
-        return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+    def generate(**extra) -> tuple[torch.Tensor, float]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            image = pipe(**{**call, **extra}, generator=torch.Generator(device).manual_seed(0)).images
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return image.float().cpu(), time.perf_counter() - t0
 
-    qw, sw = int4.quantize(linear.weight.float(), scale_dtype=torch.bfloat16)
-    xd = x.to(device)
-    with ops.record_backends() as used, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fallbacks are reported below through the backend record
-        qa, sa, _ = ops.quantize_act(xd)
-        naive = ops.gemm_w4a4(qa, sa, int4.pack(qw).to(device), sw.to(device), bias=linear.bias.to(device))
-        rows = [("naive W4A4 (int4 g64 round to nearest)", naive, None)]
-        for fmt in ("svdq-int4", "svdq-w4a8"):
-            t0 = time.perf_counter()
-            layer = quantize_linear(linear, fmt, calib=calib, rank=32).to(device)
-            seconds = time.perf_counter() - t0
-            rows.append((f"SVDQuant {fmt} r32 (quantized in {seconds:.1f} s)", layer(xd), layer))
-    for name, out, layer in rows:
-        size = f", {layer.nbytes / 2**20:.1f} MiB vs bf16 {layer.dense_nbytes / 2**20:.1f} MiB" if layer else ""
-        print(f"{name:<48} SQNR vs bf16 layer: {sqnr(out):6.2f} dB{size}")
+    generate()  # warm-up (allocations, first-call setup), not timed
+    ref, t_bf16 = generate()
+    calib_steps = max(1, min(2, args.steps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # the report below says what fell back
+        load(pipe, args.fmt, rank=args.rank, progress=True,
+             calib=lambda p: p(**{**call, **calib_call, "num_inference_steps": calib_steps, "output_type": "latent"},
+                               generator=torch.Generator(device).manual_seed(1)))
+        generate()
+        from . import ops
+
+        with ops.record_backends() as used:
+            image, t_q = generate()
+    err = float((image - ref).norm() / ref.norm())
+    mse = float((image - ref).pow(2).mean())
+    psnr = 10 * math.log10(float(ref.max() - ref.min()) ** 2 / mse) if mse > 0 else float("inf")
+    print(f"\nimage {tuple(image.shape)}, {args.steps} steps")
+    print(f"bf16:            {t_bf16 * 1e3:9.1f} ms per image")
+    print(f"{args.fmt} r{args.rank}: {t_q * 1e3:9.1f} ms per image ({t_bf16 / t_q:.2f}x bf16)"
+          + ("  [CPU: C++ reference kernels, not a speed measurement]" if device == "cpu" else ""))
+    print(f"fidelity vs bf16: relative L2 {err:.4f}, PSNR {psnr:.1f} dB")
     print("backends that ran: " + ", ".join(f"{op}={'/'.join(sorted(b))}" for op, b in sorted(used.items())))
     return 0
 
@@ -89,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowbit-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what was built").set_defaults(func=_info)
-    demo = sub.add_parser("demo", help="quantize a layer and report fidelity and the backends that ran")
+    demo = sub.add_parser("demo", help="quantize a FLUX pipeline; report speed and fidelity against bf16")
+    demo.add_argument("--model", default=None, help="a diffusers pipeline path or hub id (default: tiny config)")
+    demo.add_argument("--fmt", default="svdq-int4")
+    demo.add_argument("--rank", type=int, default=32)
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--size", type=int, default=None, help="image height and width (default 64 tiny, 1024)")
+    demo.add_argument("--prompt", default="a photo of a red fox in the snow, detailed fur")
     demo.add_argument("--device", default=None)
-    demo.add_argument("--tokens", type=int, default=256)
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("what", choices=["kernels"])
