@@ -20,8 +20,9 @@ __version__ = "0.1.0"  # before the imports below: checkpoints record it
 from ._build_info import build_info
 from .checkpoint import load_checkpoint
 from .integrations import last_report, load, save
+from . import lora  # engine.lora.load / set_strength / swap / unload
 from .nn import SVDQLinear
 from .quantize import quantize_linear
 
-__all__ = ["build_info", "load", "save", "last_report", "quantize_linear", "load_checkpoint", "SVDQLinear",
+__all__ = ["build_info", "load", "save", "last_report", "lora", "quantize_linear", "load_checkpoint", "SVDQLinear",
            "__version__"]
