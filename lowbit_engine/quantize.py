@@ -19,13 +19,17 @@ from torch import Tensor, nn
 
 from .errors import UnknownFormatError
 from .formats import FORMATS
-from .nn import SVDQLinear
+from .nn import FP4Linear, FP8Linear, SVDQLinear
 
 # format -> builder(linear, calib, rank, **opts). Formats listed in FORMATS but absent here have their
 # layout and references but no module yet.
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "svdq-int4": lambda linear, calib, rank, **opts: SVDQLinear.from_linear(linear, calib, rank, "svdq-int4", **opts),
     "svdq-w4a8": lambda linear, calib, rank, **opts: SVDQLinear.from_linear(linear, calib, rank, "svdq-w4a8", **opts),
+    # rank is SVDQuant's branch; the float formats start without a side branch (it carries LoRAs).
+    "fp8": lambda linear, calib, rank, **opts: FP8Linear.from_linear(linear, calib, 0, **opts),
+    "nvfp4": lambda linear, calib, rank, **opts: FP4Linear.from_linear(linear, calib, 0, fmt="nvfp4", **opts),
+    "mxfp4": lambda linear, calib, rank, **opts: FP4Linear.from_linear(linear, calib, 0, fmt="mxfp4", **opts),
 }
 
 
@@ -40,10 +44,11 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, calib: Tensor | None = None,
 
     Args:
         linear: the float layer (any float dtype; its device is where the quantization runs).
-        fmt: a format name (``lowbit_engine.formats.FORMATS``); buildable now: "svdq-int4", "svdq-w4a8".
+        fmt: a format name (``lowbit_engine.formats.FORMATS``); buildable now: "svdq-int4", "svdq-w4a8", "fp8", "nvfp4",
+            "mxfp4".
         calib: activations at the layer's input, ``[..., K]``. SVDQuant uses them to pick the smoothing;
             without them it quantizes with no smoothing and warns (``NoCalibrationWarning``).
-        rank: rank of the SVDQuant low-rank branch (0 for none).
+        rank: rank of the SVDQuant low-rank branch (0 for none); not used by fp8 / nvfp4 / mxfp4.
         opts: passed to the format's builder; for SVDQuant: ``act_mode`` ("int8" or "fp8" for
             svdq-w4a8), ``dtype``, ``alphas``, ``smoothing``, ``refine_iters``, ``max_eval_tokens``, ``seed``.
 

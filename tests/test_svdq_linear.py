@@ -230,7 +230,7 @@ def test_constructor_rejects_bad_arguments(kw, match):
 def test_defaults_and_registry():
     assert SVDQLinear(128, 64).act_mode == "int4"
     assert SVDQLinear(128, 64, fmt="svdq-w4a8").act_mode == "int8"
-    assert QUANTIZED_MODULES == {"SVDQLinear": SVDQLinear}
+    assert QUANTIZED_MODULES["SVDQLinear"] is SVDQLinear
 
 
 # ------------------------------------------------------------------------------------------------ quantize_linear
@@ -242,7 +242,7 @@ def test_quantize_linear_builds_svdq_modules(gen):
     assert isinstance(m, SVDQLinear) and m.dtype == BF and m.alpha == 0.5 and m.calib_error > 0
     m = quantize_linear(lin, "svdq-w4a8", calib=calib, rank=8, alphas=(0.5,))
     assert m.fmt == "svdq-w4a8" and m.act_mode == "int8"
-    assert available_formats() == ["svdq-int4", "svdq-w4a8"]
+    assert {"svdq-int4", "svdq-w4a8"} <= set(available_formats())
 
 
 def test_quantize_linear_unknown_format_lists_the_known_ones(gen):
@@ -254,10 +254,10 @@ def test_quantize_linear_unknown_format_lists_the_known_ones(gen):
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("fmt", sorted(set(FORMATS) - {"svdq-int4", "svdq-w4a8"}))
+@pytest.mark.parametrize("fmt", sorted(set(FORMATS) - set(available_formats())))
 def test_quantize_linear_known_but_unbuilt_formats(gen, fmt):
     lin, _ = _small(gen)
-    with pytest.raises(NotImplementedError, match=f"'{fmt}' is known.*not built yet.*svdq-int4, svdq-w4a8"):
+    with pytest.raises(NotImplementedError, match=f"'{fmt}' is known.*not built yet.*svdq-int4"):
         quantize_linear(lin, fmt)
 
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .fp4_linear import FP4Linear
+from .fp8_linear import FP8Linear
 from .svdq_linear import SVDQLinear
 
-QUANTIZED_MODULES: dict[str, type[nn.Module]] = {"SVDQLinear": SVDQLinear}
+QUANTIZED_MODULES: dict[str, type[nn.Module]] = {
+    "SVDQLinear": SVDQLinear, "FP8Linear": FP8Linear, "FP4Linear": FP4Linear}
 
-__all__ = ["QUANTIZED_MODULES", "SVDQLinear"]
+__all__ = ["QUANTIZED_MODULES", "SVDQLinear", "FP8Linear", "FP4Linear"]
