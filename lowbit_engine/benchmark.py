@@ -205,6 +205,26 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     # op_args None: a composite case; its backends are read off one recorded call.
     cases.append(Case("svdq_w4a4_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "int4"), "gemm_w4a4"))
     cases.append(Case("svdq_w4a8_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "int8"), "gemm_w4a8"))
+
+    # Float formats: whole modules (dynamic token quantization included), built once per input set.
+    from .nn import FP4Linear, FP8Linear
+
+    def float_case(name: str, op: str, w_bytes_per_weight: float, build) -> None:
+        mods = []
+        for d in sets:
+            lin = torch.nn.Linear(K, N, device=d["w"].device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.copy_(d["w"])
+                lin.bias.copy_(d["bias"])
+            mods.append(build(lin))
+        cases.append(Case(name, flops, bf * M * K + w_bytes_per_weight * N * K + out_b,
+                          lambda i: mods[i](sets[i]["x"]), op))
+
+    float_case("fp8_linear_dynamic", "fp8_linear", 1.0, lambda lin: FP8Linear.from_linear(lin))
+    float_case("nvfp4_linear_fp8", "fp4_linear", 0.5 + 1 / 16, lambda lin: FP4Linear.from_linear(lin, fmt="nvfp4"))
+    float_case("mxfp4_linear_fp8", "fp4_linear", 0.5 + 1 / 32, lambda lin: FP4Linear.from_linear(lin, fmt="mxfp4"))
+    float_case("nvfp4_linear_bf16_weight_only", "fp4_linear", 0.5 + 1 / 16,
+               lambda lin: FP4Linear.from_linear(lin, fmt="nvfp4", act="bf16"))
     return cases
 
 

@@ -9,7 +9,9 @@ import pytest
 from lowbit_engine import benchmark, cli
 
 EXPECTED_KERNELS = {"torch_matmul_bf16", "quantize_act_int4_r32", "quantize_act_int8_r32", "gemm_w4a4_r32",
-                    "svdq_w4a4_linear_r32", "svdq_w4a8_linear_r32"}
+                    "svdq_w4a4_linear_r32", "svdq_w4a8_linear_r32", "fp8_linear_dynamic", "nvfp4_linear_fp8",
+                    "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
+FLOAT_KERNELS = {"fp8_linear_dynamic", "nvfp4_linear_fp8", "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
 
 
 def test_cpu_run_reports_every_kernel_with_its_backend():
@@ -20,7 +22,11 @@ def test_cpu_run_reports_every_kernel_with_its_backend():
     assert rows["gemm_w4a4_r32"]["backend"] == "cpu"
     assert rows["svdq_w4a4_linear_r32"]["backend"] == "cpu"  # both ops of the composite ran on the C++ ref
     for r in report["results"]:
-        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0 and not r["fallback"]
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+        # the float formats have no CPU kernel: their rows say they ran the torch reference
+        assert r["fallback"] == (r["kernel"] in FLOAT_KERNELS)
+        if r["kernel"] != "torch_matmul_bf16":
+            assert (r["backend"] == "torch") == r["fallback"]
         assert r["ratio_vs_bf16"] == pytest.approx(rows["torch_matmul_bf16"]["median_ms"] / r["median_ms"])
     assert "CPU run" in report["note"]
 
