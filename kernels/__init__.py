@@ -15,3 +15,7 @@ if triton is not None:
     from . import gemm_w4a4
 
     gemm_w4a4.register()
+
+    from . import vq_gemm
+
+    vq_gemm.register()

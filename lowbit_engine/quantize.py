@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import UnknownFormatError
 from .formats import FORMATS
-from .nn import FP4Linear, FP8Linear, SVDQLinear
+from .nn import FP4Linear, FP8Linear, SVDQLinear, VQLinear
 
 # format -> builder(linear, calib, rank, **opts). Formats listed in FORMATS but absent here have their
 # layout and references but no module yet.
@@ -30,6 +30,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fp8": lambda linear, calib, rank, **opts: FP8Linear.from_linear(linear, calib, 0, **opts),
     "nvfp4": lambda linear, calib, rank, **opts: FP4Linear.from_linear(linear, calib, 0, fmt="nvfp4", **opts),
     "mxfp4": lambda linear, calib, rank, **opts: FP4Linear.from_linear(linear, calib, 0, fmt="mxfp4", **opts),
+    "vq2": lambda linear, calib, rank, **opts: VQLinear.from_linear(linear, calib, fmt="vq2", **opts),
+    "vq3": lambda linear, calib, rank, **opts: VQLinear.from_linear(linear, calib, fmt="vq3", **opts),
 }
 
 
@@ -44,11 +46,11 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, calib: Tensor | None = None,
 
     Args:
         linear: the float layer (any float dtype; its device is where the quantization runs).
-        fmt: a format name (``lowbit_engine.formats.FORMATS``); buildable now: "svdq-int4", "svdq-w4a8", "fp8", "nvfp4",
-            "mxfp4".
+        fmt: a format name (``lowbit_engine.formats.FORMATS``); buildable now: all of them (svdq-int4, svdq-w4a8, fp8,
+            nvfp4, mxfp4, vq2, vq3).
         calib: activations at the layer's input, ``[..., K]``. SVDQuant uses them to pick the smoothing;
             without them it quantizes with no smoothing and warns (``NoCalibrationWarning``).
-        rank: rank of the SVDQuant low-rank branch (0 for none); not used by fp8 / nvfp4 / mxfp4.
+        rank: rank of the SVDQuant low-rank branch (0 for none); not used by fp8 / nvfp4 / mxfp4 / vq.
         opts: passed to the format's builder; for SVDQuant: ``act_mode`` ("int8" or "fp8" for
             svdq-w4a8), ``dtype``, ``alphas``, ``smoothing``, ``refine_iters``, ``max_eval_tokens``, ``seed``.
 

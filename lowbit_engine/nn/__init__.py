@@ -17,8 +17,9 @@ from torch import nn
 from .fp4_linear import FP4Linear
 from .fp8_linear import FP8Linear
 from .svdq_linear import SVDQLinear
+from .vq_linear import VQLinear
 
 QUANTIZED_MODULES: dict[str, type[nn.Module]] = {
-    "SVDQLinear": SVDQLinear, "FP8Linear": FP8Linear, "FP4Linear": FP4Linear}
+    "SVDQLinear": SVDQLinear, "FP8Linear": FP8Linear, "FP4Linear": FP4Linear, "VQLinear": VQLinear}
 
-__all__ = ["QUANTIZED_MODULES", "SVDQLinear", "FP8Linear", "FP4Linear"]
+__all__ = ["QUANTIZED_MODULES", "SVDQLinear", "FP8Linear", "FP4Linear", "VQLinear"]
