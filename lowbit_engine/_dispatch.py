@@ -78,6 +78,20 @@ def select(op: str, *args, **kwargs) -> Backend:
     raise RuntimeError(f"lowbit::{op}: no backend applies (registered: {backends(op)})")
 
 
+def run(op: str, args: tuple, why_reference: Callable[[], str]) -> object:
+    """Select a backend for ``op(*args)``, run it, and record which one ran.
+
+    When the torch reference runs without having been forced, ``why_reference()`` says why (the op
+    module knows what kernels it has) and :func:`note` warns once for that reason.
+    """
+    backend = select(op, *args)
+    forced = op in _FORCED or "*" in _FORCED
+    reason = why_reference() if backend.name == "torch" and not forced else None
+    out = backend.run(*args)
+    note(op, backend.name, reason)
+    return out
+
+
 def note(op: str, backend: str, fallback_reason: str | None = None) -> None:
     """Record that ``backend`` ran ``op``; warn once when it was a fallback to the reference."""
     with _RECORD.lock:

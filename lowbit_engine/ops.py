@@ -53,17 +53,14 @@ def _has_cuda_kernels() -> bool:
 
 
 def _run(op: str, device: torch.device, *args):
-    """Select a backend for this call, run it, and record (and on fallback, warn) which one ran."""
-    backend = _dispatch.select(op, *args)
-    reason = None
-    if backend.name == "torch" and op not in _dispatch._FORCED and "*" not in _dispatch._FORCED:
+    """Dispatch one call (see :func:`lowbit_engine._dispatch.run`), saying why when the reference runs."""
+
+    def why() -> str:
         if device.type == "cpu":
-            reason = "the native module lowbit_engine._C is not built"
-        else:
-            reason = f"no CUDA or Triton kernel applies on {device.type} for these inputs"
-    out = backend.run(*args)
-    _dispatch.note(op, backend.name, reason)
-    return out
+            return "the native module lowbit_engine._C is not built"
+        return f"no CUDA or Triton kernel applies on {device.type} for these inputs"
+
+    return _dispatch.run(op, args, why)
 
 
 # --------------------------------------------------------------------------------------------------

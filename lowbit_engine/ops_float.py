@@ -35,14 +35,14 @@ X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _run(op: str, device: torch.device, *args):
-    backend = _dispatch.select(op, *args)
-    reason = None
-    if backend.name == "torch" and op not in _dispatch._FORCED and "*" not in _dispatch._FORCED:
-        reason = (f"no Triton kernel runs on {device.type} tensors" if device.type != "cuda"
-                  else "no Triton kernel applies for these inputs (Triton missing or no fp8 tensor cores)")
-    out = backend.run(*args)
-    _dispatch.note(op, backend.name, reason)
-    return out
+    """Dispatch one call (see :func:`lowbit_engine._dispatch.run`), saying why when the reference runs."""
+
+    def why() -> str:
+        if device.type != "cuda":
+            return f"no Triton kernel runs on {device.type} tensors"
+        return "no Triton kernel applies for these inputs (Triton missing or no fp8 tensor cores)"
+
+    return _dispatch.run(op, args, why)
 
 
 # --------------------------------------------------------------------------------------------------
