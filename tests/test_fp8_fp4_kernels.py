@@ -15,17 +15,14 @@ GPU (fp8 MMA accumulates with ~14 bits before promotion per BLOCK_K): 1e-3 in no
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import warnings
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
 from lowbit_engine import _dispatch, ops_float
+from triton_interp import load_interpreted
 from lowbit_engine.errors import ReferenceFallbackWarning
 from lowbit_engine.formats import fp8, mxfp4, nvfp4
 from lowbit_engine.nn.fp4_linear import FP4Linear
@@ -34,34 +31,11 @@ from lowbit_engine.nn.fp8_linear import FP8Linear
 FP32, BF16 = torch.float32, torch.bfloat16
 REL_LIMIT = {FP32: 1e-5, BF16: 1e-2}
 ELEM_RTOL = {FP32: 1e-5, BF16: 2.0**-7 + 1e-5}
-ROOT = Path(__file__).resolve().parents[1] / "kernels"
-
-
-def _load(name: str, file: str) -> ModuleType:
-    if name in sys.modules:
-        return sys.modules[name]
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / file)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return mod
 
 
 @pytest.fixture(scope="module")
 def k8() -> ModuleType:
-    mod = _load("_lowbit_test_fp8_gemm_interpreted", "fp8_gemm.py")
+    mod = load_interpreted("fp8_gemm.py")
     if not mod.interpreted():
         pytest.skip("this Triton did not honour TRITON_INTERPRET=1 at decoration time")
     return mod
@@ -69,7 +43,7 @@ def k8() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def k4(k8) -> ModuleType:
-    mod = _load("_lowbit_test_fp4_gemm_interpreted", "fp4_gemm.py")
+    mod = load_interpreted("fp4_gemm.py")
     mod._fp8 = k8  # its quantizer and config helpers: the interpreted copy
     return mod
 

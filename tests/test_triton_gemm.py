@@ -15,16 +15,13 @@ dispatch picks them.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
 from lowbit_engine import ops, reference
+from triton_interp import load_interpreted
 
 pytest.importorskip("triton")
 
@@ -55,34 +52,6 @@ ELEM_ATOL = 1e-5
 FP8_MMA_REL_LIMIT = 1e-4
 FP8_MMA_ATOL = 2e-4
 
-_KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "gemm_w4a4.py"
-_INTERP_NAME = "_lowbit_test_gemm_w4a4_interpreted"
-
-
-def _load_interpreted() -> ModuleType:
-    """A private copy of kernels/gemm_w4a4.py whose kernels were decorated under TRITON_INTERPRET=1."""
-    if _INTERP_NAME in sys.modules:
-        return sys.modules[_INTERP_NAME]
-    path = _KERNEL_FILE
-    if not path.exists():  # tests run against an installed (non-editable) package
-        path = Path(importlib.util.find_spec("lowbit_engine.kernels.gemm_w4a4").origin)
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(_INTERP_NAME, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[_INTERP_NAME] = mod  # dataclasses (TileConfig) look their module up here
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[_INTERP_NAME]
-            raise
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +59,7 @@ def interp() -> ModuleType:
     import numpy
     import triton
 
-    mod = _load_interpreted()
+    mod = load_interpreted("gemm_w4a4.py")
     if not mod.interpreted():
         pytest.skip("this Triton did not honour TRITON_INTERPRET=1 at decoration time "
                     "(triton.knobs.runtime.interpret forced off?)")

@@ -16,54 +16,24 @@ Limits on ||out - ref|| / ||ref||:
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
 from lowbit_engine import ops, reference
+from triton_interp import load_interpreted
 from lowbit_engine.formats import vq as vqf
 
 pytest.importorskip("triton")
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-_KERNEL_FILE = Path(__file__).resolve().parents[1] / "kernels" / "vq_gemm.py"
-_INTERP_NAME = "_lowbit_test_vq_gemm_interpreted"
 REL_LIMIT = {FP32: 1e-5, BF16: 8e-3, FP16: 2e-3}
-
-
-def _load_interpreted() -> ModuleType:
-    if _INTERP_NAME in sys.modules:
-        return sys.modules[_INTERP_NAME]
-    path = _KERNEL_FILE
-    if not path.exists():
-        path = Path(importlib.util.find_spec("lowbit_engine.kernels.vq_gemm").origin)
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(_INTERP_NAME, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[_INTERP_NAME] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[_INTERP_NAME]
-            raise
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return mod
 
 
 @pytest.fixture(scope="module")
 def interp() -> ModuleType:
-    mod = _load_interpreted()
+    mod = load_interpreted("vq_gemm.py")
     if not mod.interpreted():
         pytest.skip("this Triton did not honour TRITON_INTERPRET=1 at decoration time")
     return mod
