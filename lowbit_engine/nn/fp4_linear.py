@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import ops_float
 from ..errors import UnknownFormatError
+from ._base import QuantizedLinearBase
 from ..formats import fp8, mxfp4, nvfp4
 
 GROUPS = {"nvfp4": nvfp4.GROUP_SIZE, "mxfp4": mxfp4.GROUP_SIZE}
@@ -30,7 +31,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONFIG_KEYS = ("format", "version", "in_features", "out_features", "group_size", "act_mode", "dtype", "has_bias")
 
 
-class FP4Linear(nn.Module):
+class FP4Linear(QuantizedLinearBase):
     """``nvfp4`` / ``mxfp4`` linear layer. Buffers: ``qweight uint8 [N, K/2]``, ``block_scales`` (e4m3
     ``[N, K/16]`` or uint8 ``[N, K/32]``), ``tensor_scale`` fp32 ``[]`` (1 for mxfp4), ``w_inv``,
     ``w_scale_fp8``, ``w_scale_bf16`` fp32 ``[N]``, ``bias`` or None.
@@ -141,16 +142,5 @@ class FP4Linear(nn.Module):
                                    self.w_scale_bf16, self.bias, fmt=self.fmt, act=self.act, out_dtype=op_dtype)
         return out.reshape(*lead, self.out_features).to(in_dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    @property
-    def dense_nbytes(self) -> int:
-        return 2 * (self.out_features * self.in_features + (self.out_features if self.bias is not None else 0))
-
     def extra_repr(self) -> str:
-        mib = 2.0 ** 20
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
-                f"act={self.act}, bias={self.bias is not None}, "
-                f"{self.nbytes / mib:.1f} MiB (bf16: {self.dense_nbytes / mib:.1f} MiB)")
+        return self._repr(f"fmt={self.fmt}, act={self.act}")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import ops_float
 from ..errors import UnknownFormatError
+from ._base import QuantizedLinearBase
 from ..formats import fp8
 
 FORMAT = "fp8"
@@ -33,7 +34,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(QuantizedLinearBase):
     """``fp8`` linear layer. Buffers: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[N]``, ``bias``
     (module dtype) or None, ``lora_down [rank, K]`` and ``lora_up [N, rank]`` (module dtype).
 
@@ -131,16 +132,5 @@ class FP8Linear(nn.Module):
         out = ops_float.fp8_linear(x2d, self.weight, self.weight_scale, self.bias, *lora, out_dtype=op_dtype)
         return out.reshape(*lead, self.out_features).to(in_dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    @property
-    def dense_nbytes(self) -> int:
-        return 2 * (self.out_features * self.in_features + (self.out_features if self.bias is not None else 0))
-
     def extra_repr(self) -> str:
-        mib = 2.0 ** 20
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={FORMAT}, "
-                f"rank={self.rank}, bias={self.bias is not None}, "
-                f"{self.nbytes / mib:.1f} MiB (bf16: {self.dense_nbytes / mib:.1f} MiB)")
+        return self._repr(f"fmt={FORMAT}, rank={self.rank}")

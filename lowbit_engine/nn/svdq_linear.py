@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import UnknownFormatError
+from ._base import QuantizedLinearBase
 from ..formats import int4
 from ..quant.svdquant import SVDQuantResult, svdquant
 
@@ -43,7 +44,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class SVDQLinear(nn.Module):
+class SVDQLinear(QuantizedLinearBase):
     """A linear layer quantized with SVDQuant: int4 residual weights, 4- or 8-bit activations, and a
     16-bit low-rank branch that carries the weights' outliers.
 
@@ -213,18 +214,5 @@ class SVDQLinear(nn.Module):
 
     # ---- size and repr ---------------------------------------------------------------------------
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all the buffers (what the layer costs in memory and in a checkpoint)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the bf16 ``nn.Linear`` this layer replaces (weight and bias), for comparison."""
-        return 2 * (self.out_features * self.in_features + (self.out_features if self.bias is not None else 0))
-
     def extra_repr(self) -> str:
-        mib = 2.0 ** 20
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
-                f"act={self.act_mode}, rank={self.rank}, bias={self.bias is not None}, "
-                f"{self.nbytes / mib:.1f} MiB (bf16: {self.dense_nbytes / mib:.1f} MiB)")
+        return self._repr(f"fmt={self.fmt}, act={self.act_mode}, rank={self.rank}")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import UnknownFormatError
+from ._base import QuantizedLinearBase
 from ..formats import vq as vqf
 from ..quant.vq import VQResult, vq_quantize
 
@@ -35,7 +36,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class VQLinear(nn.Module):
+class VQLinear(QuantizedLinearBase):
     """A linear layer whose weight is a per-layer codebook plus packed centroid indices.
 
     Buffers (all in ``state_dict()``): ``codes`` uint8 ``[N, packed_row_bytes(K/d)]``, ``codebook`` fp32
@@ -51,7 +52,7 @@ class VQLinear(nn.Module):
 
     Example:
         >>> VQLinear(3072, 3072, fmt="vq3")
-        VQLinear(in_features=3072, out_features=3072, fmt=vq3, k=4096, d=4, bias=True, channel_scale=False, 3.4 MiB (bf16: 18.0 MiB))
+        VQLinear(in_features=3072, out_features=3072, fmt=vq3, k=4096, d=4, channel_scale=False, bias=True, 3.4 MiB (bf16: 18.0 MiB))
     """
 
     FORMAT_VERSION = 1
@@ -188,22 +189,8 @@ class VQLinear(nn.Module):
 
     # ---- size and repr ---------------------------------------------------------------------------
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all the buffers (what the layer costs in memory and in a checkpoint)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    @property
-    def dense_nbytes(self) -> int:
-        """Bytes of the bf16 ``nn.Linear`` this layer replaces (weight and bias), for comparison."""
-        return 2 * (self.out_features * self.in_features + (self.out_features if self.bias is not None else 0))
-
     def extra_repr(self) -> str:
-        mib = 2.0 ** 20
-        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
-                f"k={self.k}, d={self.d}, bias={self.bias is not None}, "
-                f"channel_scale={self.channel_scale is not None}, "
-                f"{self.nbytes / mib:.1f} MiB (bf16: {self.dense_nbytes / mib:.1f} MiB)")
+        return self._repr(f"fmt={self.fmt}, k={self.k}, d={self.d}, channel_scale={self.channel_scale is not None}")
 
 
 __all__ = ["VQLinear"]
