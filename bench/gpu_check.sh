@@ -3,6 +3,7 @@
 # and leave logs and JSON under $OUT (default ./out). Run from the repository root:
 #   bash bench/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
+#   GPU_CHECK_TESTS="tests/gpu/test_cuda_gemm.py" GPU_CHECK_BENCH_ARGS="--kernels cublas gemm_w4" bash bench/gpu_check.sh
 # Needs torch with CUDA, nvcc, setuptools, pybind11 and pytest. The device image has no pybind11 (seen
 # 2026-11-22): carry its wheel, made here with
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl pybind11==3.1.0
@@ -43,7 +44,7 @@ for obj in build/temp*/cuda/*.o; do
 done
 
 log "GPU tests"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
+python3 -m pytest -q -m gpu ${GPU_CHECK_TESTS:-tests} -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
 rc=$?; tail -5 "$OUT/pytest_gpu.log" | tee -a "$OUT/summary.txt"
 [ $rc -eq 0 ] || [ $rc -eq 5 ] || { log "GPU tests FAILED (rc=$rc)"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -30; }
 

@@ -195,6 +195,18 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
         cases.append(Case("gemm_w4a4_r32", flops, M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b,
                           lambda i: torch.ops.lowbit.gemm_w4a4(*w4a4_args(i)), "gemm_w4a4", w4a4_args))
 
+    pre8 = [ops.quantize_act(*q8_args(i)) for i in range(len(sets))] if _runs_natively(
+        "quantize_act", q8_args(0)) else None
+
+    def w4a8_args(i):
+        q, s, la = pre8[i]
+        d = sets[i]
+        return (q, s, d["w4"], d["w4_scales"], la, d["lora_up"], d["bias"], torch.bfloat16)
+
+    if pre8 is not None:
+        cases.append(Case("gemm_w4a8_r32", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b,
+                          lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8_args(i)), "gemm_w4a8", w4a8_args))
+
     def svdq_linear(i, mode):
         d = sets[i]
         q, s, la = ops.quantize_act(d["x"], d["smooth"], d["lora_down"], mode)

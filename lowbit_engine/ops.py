@@ -272,7 +272,41 @@ def _gemm_torch(fn):
     return run
 
 
+def _gemm_cuda(which: str):
+    """csrc/cuda/gemm_w4.cu: int4 widened to int8 on the int8 tensor cores, low-rank on tf32 MMAs."""
+    op = f"gemm_{which}"
+
+    def run(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype):
+        M, N = act.shape[0], w.shape[0]
+        K = w.shape[1] * 2
+        R = 0 if lora_act is None else lora_act.shape[1]
+        for name, t, nbytes in (("act", act, 16), ("w", w, 16), ("lora_act", lora_act, 8)):
+            V.aligned(op, name, t, nbytes)
+        out = torch.empty(M, N, dtype=out_dtype, device=act.device)
+        with torch.cuda.device(act.device):
+            native().cuda_gemm_w4(
+                which == "w4a8", _ptr(act), _ptr(act_scales), _ptr(w), _ptr(w_scales), M, N, K,
+                _ptr(lora_act), _ptr(lora_up), _dcode(lora_up), R, _ptr(bias), _dcode(bias), _ptr(out),
+                code(out_dtype), torch.cuda.current_stream(act.device).cuda_stream)
+        return out
+
+    return run
+
+
+def _gemm_cuda_applies(which: str):
+    # The CUDA kernel takes int8 tokens (W4A8 fp8 tokens stay on Triton) and ranks in steps of 8.
+    def applies(act, act_scales, w, w_scales, lora_act, *rest) -> bool:
+        if not (act.is_cuda and _has_cuda_kernels()):
+            return False
+        if which == "w4a8" and act.dtype != torch.int8:
+            return False
+        return lora_act is None or lora_act.shape[1] % 8 == 0
+
+    return applies
+
+
 for _which, _ref in (("w4a4", reference.gemm_w4a4), ("w4a8", reference.gemm_w4a8)):
+    _dispatch.register(f"gemm_{_which}", "cuda", _gemm_cuda_applies(_which), _gemm_cuda(_which))
     _dispatch.register(f"gemm_{_which}", "cpu", lambda act, *a: act.device.type == "cpu" and _has_native(),
                        _gemm_cpu(_which))
     _dispatch.register(f"gemm_{_which}", "torch", lambda *a: True, _gemm_torch(_ref))

@@ -27,4 +27,15 @@ void register_cuda(py::module_& m) {
                                    ptr<float>(scales), ptr<float>(lora_act), ptr<void>(stream));
       },
       "Fused activation quantizer on the GPU (same contract as cpu_quantize_act)");
+  m.def(
+      "cuda_gemm_w4",
+      [](bool act_int8, uintptr_t act, uintptr_t act_scales, uintptr_t w, uintptr_t w_scales, int64_t M,
+         int64_t N, int64_t K, uintptr_t lora_act, uintptr_t lora_up, int up_dtype, int64_t R, uintptr_t bias,
+         int bias_dtype, uintptr_t out, int out_dtype, uintptr_t stream) {
+        lowbit::cuda::gemm_w4(act_int8, ptr<const void>(act), ptr<const float>(act_scales), ptr<const uint8_t>(w),
+                              ptr<const void>(w_scales), M, N, K, ptr<const float>(lora_act),
+                              ptr<const void>(lora_up), DType(up_dtype), R, ptr<const void>(bias),
+                              DType(bias_dtype), ptr<void>(out), DType(out_dtype), ptr<void>(stream));
+      },
+      "W4A4 / W4A8 GEMM with the low-rank + bias epilogue on the GPU (same contract as cpu_gemm_w4a4/w4a8)");
 }

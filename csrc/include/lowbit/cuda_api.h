@@ -14,4 +14,13 @@ void quantize_act(const void* x, DType x_dtype, int64_t M, int64_t K, const floa
                   const void* lora_down, int64_t R, ActQuant mode, void* q_out, float* scales_out,
                   float* lora_act_out, void* stream);
 
+// W4A4 (act_int8 = false: packed int4 act [M, K/2], fp32 scales [M, K/64]) or W4A8 (act_int8 = true: int8
+// act [M, K], fp32 scales [M]) times packed int4 weights w [N, K/2] with bf16 scales [N, K/64], plus
+// lora_act [M, R] (fp32) . lora_up [N, R]^T (bf16/fp16) and bias [N]; out [M, N] in out_dtype. Same
+// contract as lowbit::cpu::gemm_w4a4 / gemm_w4a8. R must be a multiple of 8.
+void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint8_t* w,
+             const void* w_scales, int64_t M, int64_t N, int64_t K, const float* lora_act,
+             const void* lora_up, DType up_dtype, int64_t R, const void* bias, DType bias_dtype, void* out,
+             DType out_dtype, void* stream);
+
 }  // namespace lowbit::cuda

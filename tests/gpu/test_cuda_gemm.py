@@ -1,0 +1,157 @@
+"""The CUDA W4A4 / W4A8 GEMMs (csrc/cuda/gemm_w4.cu) against the references.
+
+* Integer parts: with unit scales and no epilogue the fp32 output is an exact integer sum, compared
+  exactly with an int64 matmul of the unpacked values.
+* Float parts: relative error against the float64 reference of the same quantized math below 1e-3
+  (observed far lower; fp32 output so the output rounding does not hide anything).
+* Odd M (1, 17, 111, 4608), N not a multiple of the tile (and odd), an odd number of K groups, ranks 8..256,
+  every output element written (outputs land on NaN-poisoned memory).
+Skipped without CUDA (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit_engine import ops, reference
+from lowbit_engine.errors import OpInputError
+from lowbit_engine.formats import int4
+
+pytestmark = [pytest.mark.gpu, pytest.mark.cuda_build]
+BF = torch.bfloat16
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Leave a freed block of NaN bytes in torch's caching allocator so the next output lands on it."""
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+    del junk
+
+
+def _weights(N: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    sw = (torch.rand(N, K // 64, generator=g) * 0.02 + 0.001).to(BF)
+    return int4.pack(q), sw
+
+
+def _acts(mode: str, M: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if mode == "w4a4":
+        return int4.pack(torch.randint(-8, 8, (M, K), generator=g, dtype=torch.int8)), \
+            torch.rand(M, K // 64, generator=g) * 0.5 + 0.01
+    return torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8), torch.rand(M, generator=g) * 0.05 + 1e-3
+
+
+def _int_dot(mode: str, act: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    a = int4.unpack(act) if mode == "w4a4" else act
+    return a.long() @ int4.unpack(w).long().T
+
+
+def _gemm(mode: str):
+    return ops.gemm_w4a4 if mode == "w4a4" else ops.gemm_w4a8
+
+
+@pytest.mark.parametrize("mode", ["w4a4", "w4a8"])
+@pytest.mark.parametrize("M,N,K", [(1, 128, 128), (17, 136, 192), (111, 73, 320), (4608, 256, 3072),
+                                   (300, 384, 15360)])
+def test_integer_part_is_exact(mode, M, N, K):
+    g = _gen(M * 7 + K)
+    w, _ = _weights(N, K, g)
+    act, _ = _acts(mode, M, K, g)
+    sa = torch.ones(M, K // 64) if mode == "w4a4" else torch.ones(M)
+    sw = torch.ones(N, K // 64, dtype=BF)
+    expect = _int_dot(mode, act, w)
+    assert expect.abs().max() < 2**24  # exactly representable in the fp32 output
+    _poison_allocator(M * N * 4)
+    with ops.record_backends() as used:
+        out = _gemm(mode)(act.cuda(), sa.cuda(), w.cuda(), sw.cuda(), out_dtype=torch.float32)
+        torch.cuda.synchronize()
+    assert used == {f"gemm_{mode}": {"cuda"}}
+    assert torch.equal(out.cpu().double(), expect.double())
+
+
+@pytest.mark.parametrize("mode", ["w4a4", "w4a8"])
+@pytest.mark.parametrize("M,N,K,R", [(1, 128, 256, 32), (17, 200, 192, 16), (111, 131, 640, 8),
+                                     (4608, 384, 3072, 32), (64, 256, 1024, 256), (33, 256, 512, 0)])
+@pytest.mark.parametrize("up_dtype", [torch.bfloat16, torch.float16])
+def test_float_parts_within_1e3_of_float64(mode, M, N, K, R, up_dtype):
+    g = _gen(M + N + K + R)
+    w, sw = _weights(N, K, g)
+    act, sa = _acts(mode, M, K, g)
+    lora_act = torch.randn(M, R, generator=g) * 3 if R else None
+    lora_up = (torch.randn(N, R, generator=g) * 0.05).to(up_dtype) if R else None
+    bias = torch.randn(N, generator=g).to(up_dtype)
+    ref_fn = reference.gemm_w4a4 if mode == "w4a4" else reference.gemm_w4a8
+    ref = ref_fn(act, sa, w, sw, lora_act=lora_act, lora_up=lora_up, bias=bias, out_dtype=torch.float64,
+                 accum_dtype=torch.float64)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    _poison_allocator(M * N * 4)
+    out = _gemm(mode)(cuda(act), cuda(sa), cuda(w), cuda(sw), cuda(lora_act), cuda(lora_up), cuda(bias),
+                      torch.float32)
+    assert ops.last_backend(f"gemm_{mode}") == "cuda"
+    out = out.cpu().double()
+    assert torch.isfinite(out).all()
+    err = ((out - ref).norm() / ref.norm()).item()
+    worst = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-3 and worst < 1e-3, (err, worst)
+    assert err < 1e-5  # what the kernel actually achieves: fp32 sums of once-rounded group products
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_outputs_round_the_fp32_result(out_dtype):
+    M, N, K, R = 77, 264, 512, 16
+    g = _gen(5)
+    w, sw = _weights(N, K, g)
+    act, sa = _acts("w4a4", M, K, g)
+    la, up = torch.randn(M, R, generator=g), (torch.randn(N, R, generator=g) * 0.05).to(BF)
+    args = [t.cuda() for t in (act, sa, w, sw, la, up)]
+    f32 = ops.gemm_w4a4(*args, None, torch.float32)
+    _poison_allocator(M * N * 2)
+    low = ops.gemm_w4a4(*args, None, out_dtype)
+    assert low.dtype == out_dtype and torch.isfinite(low).all()
+    torch.testing.assert_close(low, f32.to(out_dtype), rtol=0, atol=0)
+
+
+def test_fp8_tokens_and_odd_ranks_are_not_taken_by_the_cuda_kernel():
+    g = _gen(9)
+    M, N, K = 32, 128, 256
+    w, sw = _weights(N, K, g)
+    x = torch.randn(M, K, generator=g).to(torch.float8_e4m3fn)
+    out = ops.gemm_w4a8(x.cuda(), torch.ones(M).cuda(), w.cuda(), sw.cuda(), out_dtype=torch.float32)
+    assert ops.last_backend("gemm_w4a8") != "cuda" and out.shape == (M, N)
+    act, sa = _acts("w4a4", M, K, g)
+    la, up = torch.randn(M, 12, generator=g), torch.randn(N, 12, generator=g).to(BF)
+    ops.gemm_w4a4(act.cuda(), sa.cuda(), w.cuda(), sw.cuda(), la.cuda(), up.cuda(), None, torch.float32)
+    assert ops.last_backend("gemm_w4a4") != "cuda"
+
+
+def test_misaligned_activation_view_is_a_clear_error():
+    g = _gen(3)
+    M, N, K = 16, 128, 128
+    w, sw = _weights(N, K, g)
+    act, sa = _acts("w4a8", M + 1, K, g)
+    view = act.cuda().view(-1)[K // 2 + 8: K // 2 + 8 + M * K].view(M, K)  # contiguous, 8-byte offset
+    with pytest.raises(OpInputError, match="aligned"):
+        ops.gemm_w4a8(view, sa[:M].cuda(), w.cuda(), sw.cuda())
+
+
+@pytest.mark.parametrize("fmt", ["svdq-int4", "svdq-w4a8"])
+def test_svdq_linear_runs_the_cuda_kernels(fmt):
+    import lowbit_engine as engine
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384, dtype=BF)
+    calib = torch.randn(64, 512, dtype=BF)
+    q = engine.quantize_linear(lin, fmt, calib=calib, rank=32).cuda()
+    x = torch.randn(3, 41, 512, dtype=BF)
+    with ops.record_backends() as used:
+        y = q(x.cuda())
+        torch.cuda.synchronize()
+    assert used["quantize_act"] == {"cuda"}
+    assert used["gemm_w4a4" if fmt == "svdq-int4" else "gemm_w4a8"] == {"cuda"}
+    with ops.use_backend("torch"):
+        y_ref = q(x.cuda())
+    assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 1e-2
