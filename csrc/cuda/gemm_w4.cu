@@ -49,24 +49,34 @@ namespace {
 
 using namespace lowbit::cuda::ptx;
 
-constexpr int kBM = 128, kBN = 128, kBK = 128;  // kBK counts k elements: two 64-groups per stage
-constexpr int kStages = 4;
-constexpr int kThreads = 256;
-constexpr int kWarpsN = 4;
-constexpr int kMT = 4;  // m16 tiles per warp (64 rows)
-constexpr int kNT = 4;  // n8 tiles per warp (32 columns)
 constexpr int kMagicBits = 0x4B400000;
 constexpr float kMagic = 12582912.0f;
 constexpr uint32_t kHighNibbles = 0xF0F0F0F0u;
 
-template <bool kA8>
+// Tile configuration: kWarpsM x kWarpsN warps, each owning kMT m16 tiles x kNT n8 tiles; K in steps of
+// 128 (two 64-groups) through a kStages-deep cp.async ring; kMinBlocks CTAs per SM for __launch_bounds__.
+template <int WarpsM, int WarpsN, int MT, int NT, int Stages, int MinBlocks>
+struct TileConfig {
+  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN, kMT = MT, kNT = NT, kStages = Stages;
+  static constexpr int kMinBlocks = MinBlocks;
+  static constexpr int kThreads = WarpsM * WarpsN * 32;
+  static constexpr int kBM = WarpsM * MT * 16, kBN = WarpsN * NT * 8, kBK = 128;
+};
+using DefaultConfig = TileConfig<2, 4, 4, 4, 4, 1>;  // 128 x 128, 8 warps of 64 x 32
+using MediumMConfig = TileConfig<2, 2, 4, 4, 4, 2>;   // 128 x 64, 4 warps, two CTAs per SM
+using SmallMConfig = TileConfig<1, 2, 2, 4, 4, 4>;    // 32 x 64, 2 warps, four CTAs per SM
+
+template <bool kA8, class C>
 struct Layout {
-  static constexpr int kA = kA8 ? kBM * kBK : kBM * kBK / 2;  // activation bytes per stage
-  static constexpr int kB = kBN * kBK / 2;                     // packed weight bytes per stage
-  static constexpr int kSa = kA8 ? 0 : 2 * kBM * 4;            // fp32 act scales [2 groups][kBM]
-  static constexpr int kSw = 2 * kBN * 8;                      // (s, -magic * s) pairs [2 groups][kBN]
+  static constexpr int kA = kA8 ? C::kBM * C::kBK : C::kBM * C::kBK / 2;  // activation bytes per stage
+  static constexpr int kB = C::kBN * C::kBK / 2;                           // packed weight bytes per stage
+  static constexpr int kSa = kA8 ? 0 : 2 * C::kBM * 4;                     // fp32 act scales [2][kBM]
+  static constexpr int kSw = 2 * C::kBN * 8;                               // (s, -magic s) [2][kBN]
   static constexpr int kStage = kA + kB + kSa + kSw;
-  static constexpr int kSmem = kStage * kStages;
+  static constexpr int kSmem = kStage * C::kStages;
+  // Scale entries fetched per thread and stage (2 groups x rows, spread over the threads).
+  static constexpr int kScaleRows = C::kBM > C::kBN ? C::kBM : C::kBN;
+  static constexpr int kScalesPerThread = (2 * kScaleRows + C::kThreads - 1) / C::kThreads;
 };
 
 struct Params {
@@ -145,9 +155,13 @@ __device__ __forceinline__ int int8_tile_offset(int row, int ch) {
   return row * 128 + ((ch ^ ((row & 1) << 2)) << 4);
 }
 
-template <bool kA8>
-__global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
-  using L = Layout<kA8>;
+template <bool kA8, class C>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) gemm_w4_kernel(const Params p) {
+  using L = Layout<kA8, C>;
+  constexpr int kThreads = C::kThreads, kBM = C::kBM, kBN = C::kBN, kBK = C::kBK, kStages = C::kStages;
+  constexpr int kMT = C::kMT, kNT = C::kNT, kWarpsN = C::kWarpsN;
+  constexpr int kWarpRows = kMT * 16, kWarpCols = kNT * 8;
+  static_assert((kBM * 4) % kThreads == 0 && (kBN * 4) % kThreads == 0, "tile rows must split over the threads");
   extern __shared__ __align__(128) uint8_t smem[];
 
   const int tid = threadIdx.x;
@@ -166,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
     uint8_t* Bs = As + L::kA;
     if constexpr (kA8) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // 128 rows x 8 chunks of 16 int8
+      for (int i = 0; i < kBM * 8 / kThreads; ++i) {  // kBM rows x 8 chunks of 16 int8
         const int c = tid + i * kThreads, row = c >> 3, ch = c & 7;
         const int m = m0 + row, k = kt * kBK + ch * 16;
         const bool ok = m < p.M && k < p.K;
@@ -174,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {  // 128 rows x 4 chunks of 32 packed int4
+      for (int i = 0; i < kBM * 4 / kThreads; ++i) {  // kBM rows x 4 chunks of 32 packed int4
         const int c = tid + i * kThreads, row = c >> 2, ch = c & 3;
         const int m = m0 + row, k = kt * kBK + ch * 32;
         const bool ok = m < p.M && k < p.K;
@@ -182,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
       }
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kBN * 4 / kThreads; ++i) {  // kBN weight rows x 4 chunks
       const int c = tid + i * kThreads, row = c >> 2, ch = c & 3;
       const int n = n0 + row, k = kt * kBK + ch * 32;
       const bool ok = n < p.N && k < p.K;
@@ -190,21 +204,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
     }
   };
 
-  // Scales of stage kt: thread tid owns row/column tid / 2 of group kt * 2 + tid % 2.
-  const int s_row = tid >> 1, s_h = tid & 1;
-  auto fetch_scales = [&](int kt, float& sa, uint32_t& sw) {
-    const int grp = kt * 2 + s_h;
-    sa = 0.f;
-    sw = 0;
-    if (!kA8 && m0 + s_row < p.M && grp < G) sa = __ldg(p.act_scales + int64_t(m0 + s_row) * G + grp);
-    if (n0 + s_row < p.N && grp < G) sw = __ldg(p.w_scales + int64_t(n0 + s_row) * G + grp);
+  // Scales of stage kt: entry e = tid + i * kThreads is row/column e / 2 of group kt * 2 + e % 2.
+  constexpr int kSpt = L::kScalesPerThread;
+  auto fetch_scales = [&](int kt, float (&sa)[kSpt], uint32_t (&sw)[kSpt]) {
+#pragma unroll
+    for (int i = 0; i < kSpt; ++i) {
+      const int e = tid + i * kThreads, row = e >> 1, grp = kt * 2 + (e & 1);
+      sa[i] = 0.f;
+      sw[i] = 0;
+      if (!kA8 && row < kBM && m0 + row < p.M && grp < G) sa[i] = __ldg(p.act_scales + int64_t(m0 + row) * G + grp);
+      if (row < kBN && n0 + row < p.N && grp < G) sw[i] = __ldg(p.w_scales + int64_t(n0 + row) * G + grp);
+    }
   };
-  auto store_scales = [&](int s, float sa, uint32_t sw) {
+  auto store_scales = [&](int s, const float (&sa)[kSpt], const uint32_t (&sw)[kSpt]) {
     uint8_t* base = smem + s * L::kStage + L::kA + L::kB;
-    if constexpr (!kA8) reinterpret_cast<float*>(base)[s_h * kBM + s_row] = sa;
-    // P carries 16 (W4A8) or 256 (W4A4) from the widening; fold it into the weight scale (exact).
-    const float sc = bf16_bits_to_float(sw) * (kA8 ? 0.0625f : 0.00390625f);
-    reinterpret_cast<float2*>(base + L::kSa)[s_h * kBN + s_row] = make_float2(sc, -kMagic * sc);
+#pragma unroll
+    for (int i = 0; i < kSpt; ++i) {
+      const int e = tid + i * kThreads, row = e >> 1, h = e & 1;
+      if (!kA8 && row < kBM) reinterpret_cast<float*>(base)[h * kBM + row] = sa[i];
+      // P carries 16 (W4A8) or 256 (W4A4) from the widening; fold it into the weight scale (exact).
+      const float sc = bf16_bits_to_float(sw[i]) * (kA8 ? 0.0625f : 0.00390625f);
+      if (row < kBN) reinterpret_cast<float2*>(base + L::kSa)[h * kBN + row] = make_float2(sc, -kMagic * sc);
+    }
   };
 
   float acc[kMT][kNT][4];
@@ -228,17 +249,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
       float4 sw[kNT];         // (s, -magic s) of columns 2t and 2t + 1
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        const int row = wn * 32 + nt * 8 + g;
+        const int row = wn * kWarpCols + nt * 8 + g;
         const uint2 v = *reinterpret_cast<const uint2*>(Bs + int4_tile_offset(row, h * 2 + (t >> 1)) + ((t & 1) << 3));
         b[nt][0][0] = (v.x << 4) & kHighNibbles;
         b[nt][0][1] = v.x & kHighNibbles;
         b[nt][1][0] = (v.y << 4) & kHighNibbles;
         b[nt][1][1] = v.y & kHighNibbles;
-        sw[nt] = sw_s[(h * kBN + wn * 32 + nt * 8 + 2 * t) >> 1];
+        sw[nt] = sw_s[(h * kBN + wn * kWarpCols + nt * 8 + 2 * t) >> 1];
       }
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        const int r0 = wm * 64 + mt * 16 + g, r1 = r0 + 8;
+        const int r0 = wm * kWarpRows + mt * 16 + g, r1 = r0 + 8;
         uint32_t a[2][4];  // [k32 block][a0..a3]
         if constexpr (kA8) {
           // Bytes 16t..16t+15 of the group: block 0 = bytes 0..7, block 1 = bytes 8..15; even bytes go to
@@ -301,8 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < KT) {
       load_tiles(s, s);
-      float sa;
-      uint32_t sw;
+      float sa[kSpt];
+      uint32_t sw[kSpt];
       fetch_scales(s, sa, sw);
       store_scales(s, sa, sw);
     }
@@ -313,8 +334,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
     __syncthreads();  // stage kt landed for every thread; stage kt - 1 is no longer read
     const int nk = kt + kStages - 1;
     const bool more = nk < KT;
-    float sa = 0.f;
-    uint32_t sw = 0;
+    float sa[kSpt];
+    uint32_t sw[kSpt];
     if (more) {
       fetch_scales(nk, sa, sw);
       load_tiles(nk, nk % kStages);
@@ -326,8 +347,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
   cp_async_wait<0>();
 
   // ---- epilogue --------------------------------------------------------------------------------------
-  const int row_base = m0 + wm * 64 + g;
-  const int col_base = n0 + wn * 32 + 2 * t;
+  const int row_base = m0 + wm * kWarpRows + g;
+  const int col_base = n0 + wn * kWarpCols + 2 * t;
   if constexpr (kA8) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
@@ -348,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_kernel(const Params p) {
     uint32_t bu[kNT][2];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      const int n = min(n0 + wn * 32 + nt * 8 + g, p.N - 1);
+      const int n = min(n0 + wn * kWarpCols + nt * 8 + g, p.N - 1);
       load_up_pair(p.lora_up, int64_t(n) * p.R + r + 2 * t, p.up_fp16 != 0, bu[nt][0], bu[nt][1]);
     }
 #pragma unroll
@@ -400,13 +421,14 @@ void check(bool ok, const std::string& what) {
 
 bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
 
-template <bool kA8>
+template <bool kA8, class C = DefaultConfig>
 void launch(const Params& p, cudaStream_t stream) {
-  const int smem = Layout<kA8>::kSmem;
-  cudaError_t err = cudaFuncSetAttribute(gemm_w4_kernel<kA8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  const int smem = Layout<kA8, C>::kSmem;
+  cudaError_t err =
+      cudaFuncSetAttribute(gemm_w4_kernel<kA8, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm: ") + cudaGetErrorString(err));
-  const dim3 grid((p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN);
-  gemm_w4_kernel<kA8><<<grid, kThreads, smem, stream>>>(p);
+  const dim3 grid((p.M + C::kBM - 1) / C::kBM, (p.N + C::kBN - 1) / C::kBN);
+  gemm_w4_kernel<kA8, C><<<grid, C::kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm launch: ") + cudaGetErrorString(err));
 }
@@ -419,7 +441,7 @@ void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint
              DType out_dtype, void* stream) {
   check(M >= 1 && N >= 1, "M and N must be >= 1, got M=" + std::to_string(M) + " N=" + std::to_string(N));
   check(K >= 64 && K % 64 == 0, "K must be a positive multiple of 64, got " + std::to_string(K));
-  check(M < (int64_t(1) << 31) && N <= 65535LL * kBN && K < (int64_t(1) << 30), "sizes out of range");
+  check(M < (int64_t(1) << 31) && N <= 65535LL * 64 && K < (int64_t(1) << 30), "sizes out of range");
   check(R >= 0 && R % 8 == 0, "rank must be a multiple of 8 (tf32 MMA k8 steps), got " + std::to_string(R));
   check(R == 0 || (lora_act != nullptr && lora_up != nullptr), "rank > 0 needs lora_act and lora_up");
   check(R == 0 || up_dtype == DType::BF16 || up_dtype == DType::F16, "lora_up must be bf16 or fp16");
@@ -447,10 +469,14 @@ void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint
   p.bias_dtype = static_cast<int>(bias_dtype);
   p.out_dtype = static_cast<int>(out_dtype);
   auto s = static_cast<cudaStream_t>(stream);
-  if (act_int8) {
-    launch<true>(p, s);
+  // Few tokens: the 128 x 128 tile would leave most SMs idle (N = 3072 gives 24 CTAs), so smaller tiles
+  // spread the weight stream over more SMs (the kernel is then bound by reading the weights).
+  if (M <= 32) {
+    act_int8 ? launch<true, SmallMConfig>(p, s) : launch<false, SmallMConfig>(p, s);
+  } else if (M <= 256) {
+    act_int8 ? launch<true, MediumMConfig>(p, s) : launch<false, MediumMConfig>(p, s);
   } else {
-    launch<false>(p, s);
+    act_int8 ? launch<true>(p, s) : launch<false>(p, s);
   }
 }
 
