@@ -25,10 +25,13 @@
 //    s is a bf16 times a power of two). W4A4 then does acc = fma(t, act_scale, acc); W4A8 acc += t.
 //    No int->float conversion (quarter rate on sm_90) and no zeroing.
 //
-// Tiles: a CTA computes 128 x 128 outputs with 8 warps (2 along M x 4 along N, 64 x 32 each), K in steps
-// of 128 (two groups) through a 4-stage cp.async ring. Shared-memory rows are XOR-swizzled at 16-byte
-// granularity so the fragment loads are conflict-free. Scales are fetched into registers at the top of
-// an iteration and stored to the ring slot at the bottom (their latency hides behind the MMAs).
+// Tiles (TileConfig; chosen by M in gemm_w4): for M > 256 a CTA computes 128 x 128 outputs with 8 warps
+// (2 along M x 4 along N, 64 x 32 each); fewer tokens use 128 x 64 or 32 x 64 tiles so the weight stream
+// spreads over more SMs. K advances 128 at a time (two groups) through a 4-stage cp.async ring. Shared-
+// memory rows are XOR-swizzled at 16-byte granularity so the fragment loads are conflict-free. Scales are
+// fetched into registers at the top of an iteration and stored to the ring slot at the bottom (their latency
+// hides behind the MMAs). Measured rates and what limits them (issue-bound: ~12 instructions per IMMA, the
+// two-FFMA promotion being the largest share): docs/kernels.md.
 // Epilogue: W4A8 multiplies by the token scale; the low-rank branch runs on the tf32 tensor cores into
 // the same fp32 accumulators (lora_act split into a tf32 high and low part, lora_up exact in tf32:
 // ~21-bit products, fp32 sums); then bias and the store. Out-of-range rows, columns and the odd last K
