@@ -40,6 +40,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -427,8 +428,16 @@ bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p
 template <bool kA8, class C = DefaultConfig>
 void launch(const Params& p, cudaStream_t stream) {
   const int smem = Layout<kA8, C>::kSmem;
-  cudaError_t err =
-      cudaFuncSetAttribute(gemm_w4_kernel<kA8, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // The opt-in to more than 48 KB of dynamic shared memory is per device and function: once each, not per
+  // call (this is on the per-layer hot path).
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
+  if (err == cudaSuccess && (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit))) {
+    err = cudaFuncSetAttribute(gemm_w4_kernel<kA8, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err == cudaSuccess) opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm: ") + cudaGetErrorString(err));
   const dim3 grid((p.M + C::kBM - 1) / C::kBM, (p.N + C::kBN - 1) / C::kBN);
   gemm_w4_kernel<kA8, C><<<grid, C::kThreads, smem, stream>>>(p);
