@@ -4,6 +4,8 @@
 #   bash bench/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
 #   GPU_CHECK_TESTS="tests/gpu/test_cuda_gemm.py" GPU_CHECK_BENCH_ARGS="--kernels cublas gemm_w4" bash bench/gpu_check.sh
+# The device tool copies the working tree with a stale .git: pass LOWBIT_COMMIT=<the commit you built>
+# in the device command so the JSON names the right commit.
 # Needs torch with CUDA, nvcc, setuptools, pybind11 and pytest. The device image has no pybind11 (seen
 # 2026-11-22): carry its wheel, made here with
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl pybind11==3.1.0
