@@ -42,6 +42,7 @@
 #include <string>
 
 #include "lowbit/cuda_api.h"
+#include "lowbit/ptx.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -274,17 +275,9 @@ constexpr int kSlotChunks = 4;                  // 16-byte chunks per lane per g
 constexpr int kRingBytes = kWarps * kStages * kSlotChunks * 32 * 16;  // 64 KB per CTA
 constexpr int kSmemBytes = kRingBytes;
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int src_size = pred ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem), "r"(src_size)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
+using ptx::cp_async16;  // csrc/include/lowbit/ptx.cuh (shared with the GEMM)
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
 
 // LoRA down-projection for one group: acc[nt] += x[16 rows, 64 cols] . lora_down[chunk ranks, 64 cols]^T.
 // mma.m16n8k16 A fragment (row-major 16x16): lane (g,t) holds A[g][2t..2t+1] (a0), A[g+8][2t..2t+1] (a1),
