@@ -100,11 +100,13 @@ class BuildWithCuda(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # The host code may launch the wgmma kernels only when their sm_90a machine code is in the build.
+        defines = ["-DLOWBIT_HAVE_SM90A"] if "90a" in archs else []
         objects = []
         for src in sources:
             obj = out_dir / (src.stem + ".o")
             cmd = [nvcc, "-std=c++17", "-O3", f"-I{CSRC / 'include'}", "-Xcompiler", "-fPIC",
-                   "--threads", os.environ.get("LOWBIT_NVCC_THREADS", "2"), *gencode, "-c", str(src),
+                   "--threads", os.environ.get("LOWBIT_NVCC_THREADS", "2"), *defines, *gencode, "-c", str(src),
                    "-o", str(obj)]
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd)

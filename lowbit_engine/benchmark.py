@@ -207,6 +207,32 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
         cases.append(Case("gemm_w4a8_r32", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b,
                           lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8_args(i)), "gemm_w4a8", w4a8_args))
 
+    # W4A8 with fp8 e4m3 tokens (on Hopper: the wgmma kernel).
+    qf_args = lambda i: (sets[i]["x"], sets[i]["smooth"], sets[i]["lora_down"], "fp8")  # noqa: E731
+    pre_f = [ops.quantize_act(*qf_args(i)) for i in range(len(sets))] if _runs_natively(
+        "quantize_act", qf_args(0)) else None
+
+    def w4a8f_args(i):
+        q, s, la = pre_f[i]
+        d = sets[i]
+        return (q, s, d["w4"], d["w4_scales"], la, d["lora_up"], d["bias"], torch.bfloat16)
+
+    if pre_f is not None:
+        cases.append(Case("gemm_w4a8fp8_r32", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b,
+                          lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8f_args(i)), "gemm_w4a8", w4a8f_args))
+
+    if on_gpu and pre is not None:
+        # The W4A4 GEMM on the mma.sync kernel where the dispatch would pick wgmma (kernel comparison).
+        def w4a4_mma_sync(i):
+            os.environ["LOWBIT_GEMM_W4_KERNEL"] = "mma"
+            try:
+                return torch.ops.lowbit.gemm_w4a4(*w4a4_args(i))
+            finally:
+                os.environ.pop("LOWBIT_GEMM_W4_KERNEL", None)
+
+        cases.append(Case("gemm_w4a4_r32_mma_sync", flops,
+                          M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b, w4a4_mma_sync, "gemm_w4a4"))
+
     def svdq_linear(i, mode):
         d = sets[i]
         q, s, la = ops.quantize_act(d["x"], d["smooth"], d["lora_down"], mode)
@@ -217,6 +243,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     # op_args None: a composite case; its backends are read off one recorded call.
     cases.append(Case("svdq_w4a4_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "int4"), "gemm_w4a4"))
     cases.append(Case("svdq_w4a8_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "int8"), "gemm_w4a8"))
+    cases.append(Case("svdq_w4a8fp8_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "fp8"), "gemm_w4a8"))
 
     # Float formats: whole modules (dynamic token quantization included), built once per input set.
     from .nn import FP4Linear, FP8Linear

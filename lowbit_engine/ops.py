@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -285,7 +286,7 @@ def _gemm_cuda(which: str):
         out = torch.empty(M, N, dtype=out_dtype, device=act.device)
         with torch.cuda.device(act.device):
             native().cuda_gemm_w4(
-                which == "w4a8", _ptr(act), _ptr(act_scales), _ptr(w), _ptr(w_scales), M, N, K,
+                _act_kind(which, act), _ptr(act), _ptr(act_scales), _ptr(w), _ptr(w_scales), M, N, K,
                 _ptr(lora_act), _ptr(lora_up), _dcode(lora_up), R, _ptr(bias), _dcode(bias), _ptr(out),
                 code(out_dtype), torch.cuda.current_stream(act.device).cuda_stream)
         return out
@@ -293,13 +294,29 @@ def _gemm_cuda(which: str):
     return run
 
 
+def _act_kind(which: str, act: Tensor) -> int:
+    """ActQuant code of the activations (csrc/include/lowbit/dtype.h): 0 int4 g64, 1 int8, 2 fp8 e4m3."""
+    if which == "w4a4":
+        return 0
+    return 1 if act.dtype == torch.int8 else 2
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fp8_gemm_supported(device_index: int) -> bool:
+    """True when the sm_90a wgmma GEMM (the only CUDA kernel taking fp8 tokens) runs on this device."""
+    with torch.cuda.device(device_index):
+        return bool(native().cuda_gemm_w4_fp8_supported())
+
+
 def _gemm_cuda_applies(which: str):
-    # The CUDA kernel takes int8 tokens (W4A8 fp8 tokens stay on Triton) and ranks in steps of 8.
+    # Ranks in steps of 8 (tf32 MMA k8); fp8 tokens only where the wgmma kernel runs (Hopper, sm_90a
+    # build), elsewhere they stay on Triton.
     def applies(act, act_scales, w, w_scales, lora_act, *rest) -> bool:
         if not (act.is_cuda and _has_cuda_kernels()):
             return False
         if which == "w4a8" and act.dtype != torch.int8:
-            return False
+            if act.dtype != torch.float8_e4m3fn or not _cuda_fp8_gemm_supported(act.device.index or 0):
+                return False
         return lora_act is None or lora_act.shape[1] % 8 == 0
 
     return applies

@@ -29,13 +29,16 @@ void register_cuda(py::module_& m) {
       "Fused activation quantizer on the GPU (same contract as cpu_quantize_act)");
   m.def(
       "cuda_gemm_w4",
-      [](bool act_int8, uintptr_t act, uintptr_t act_scales, uintptr_t w, uintptr_t w_scales, int64_t M,
+      [](int act_kind, uintptr_t act, uintptr_t act_scales, uintptr_t w, uintptr_t w_scales, int64_t M,
          int64_t N, int64_t K, uintptr_t lora_act, uintptr_t lora_up, int up_dtype, int64_t R, uintptr_t bias,
          int bias_dtype, uintptr_t out, int out_dtype, uintptr_t stream) {
-        lowbit::cuda::gemm_w4(act_int8, ptr<const void>(act), ptr<const float>(act_scales), ptr<const uint8_t>(w),
+        lowbit::cuda::gemm_w4(ActQuant(act_kind), ptr<const void>(act), ptr<const float>(act_scales), ptr<const uint8_t>(w),
                               ptr<const void>(w_scales), M, N, K, ptr<const float>(lora_act),
                               ptr<const void>(lora_up), DType(up_dtype), R, ptr<const void>(bias),
                               DType(bias_dtype), ptr<void>(out), DType(out_dtype), ptr<void>(stream));
       },
-      "W4A4 / W4A8 GEMM with the low-rank + bias epilogue on the GPU (same contract as cpu_gemm_w4a4/w4a8)");
+      "W4A4 / W4A8 GEMM with the low-rank + bias epilogue on the GPU (same contract as cpu_gemm_w4a4/w4a8);\n"
+      "act_kind is the ActQuant code of the activations (0 int4 group 64, 1 int8, 2 fp8 e4m3)");
+  m.def("cuda_gemm_w4_fp8_supported", &lowbit::cuda::gemm_w4_fp8_supported,
+        "True when the sm_90a wgmma GEMM runs on the current device (fp8 tokens; W4A4 with M > 256)");
 }

@@ -41,17 +41,21 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "lowbit/cuda_api.h"
+#include "lowbit/epilogue.cuh"
+#include "lowbit/gemm_w4_sm90.h"
 #include "lowbit/ptx.cuh"
 
 namespace lowbit::cuda {
 namespace {
 
 using namespace lowbit::cuda::ptx;
+using namespace lowbit::cuda::epi;
 
 constexpr int kMagicBits = 0x4B400000;
 constexpr float kMagic = 12582912.0f;
@@ -83,71 +87,7 @@ struct Layout {
   static constexpr int kScalesPerThread = (2 * kScaleRows + C::kThreads - 1) / C::kThreads;
 };
 
-struct Params {
-  const uint8_t* act;         // W4A4: packed int4 [M, K/2]; W4A8: int8 [M, K]
-  const float* act_scales;    // W4A4: [M, K/64]; W4A8: [M]
-  const uint8_t* w;           // packed int4 [N, K/2]
-  const uint16_t* w_scales;   // bf16 bits [N, K/64]
-  const float* lora_act;      // [M, R] or null
-  const void* lora_up;        // [N, R] bf16 / fp16, or null
-  const void* bias;           // [N] or null
-  void* out;                  // [M, N]
-  int M, N, K, R;
-  int up_fp16;                // lora_up is fp16 (else bf16)
-  int bias_dtype;             // DType code of bias
-  int out_dtype;              // DType code of out
-};
-
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
-
-__device__ __forceinline__ float load_as_float(const void* p, int64_t i, int dtype) {
-  if (dtype == static_cast<int>(DType::F32)) return static_cast<const float*>(p)[i];
-  if (dtype == static_cast<int>(DType::F16)) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-}
-
-// Two consecutive 16-bit values of lora_up as fp32 bit patterns (exact in tf32).
-__device__ __forceinline__ void load_up_pair(const void* up, int64_t i, bool fp16, uint32_t& lo,
-                                             uint32_t& hi) {
-  const uint32_t v = __ldg(reinterpret_cast<const unsigned int*>(static_cast<const uint16_t*>(up) + i));
-  if (fp16) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
-    lo = __float_as_uint(f.x);
-    hi = __float_as_uint(f.y);
-  } else {
-    lo = v << 16;
-    hi = v & 0xFFFF0000u;
-  }
-}
-
-__device__ __forceinline__ void store_pair(void* out, int64_t i, float v0, float v1, bool both, bool vec,
-                                           int dtype) {
-  if (dtype == static_cast<int>(DType::F32)) {
-    float* o = static_cast<float*>(out) + i;
-    if (both && vec) {
-      *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
-    } else {
-      o[0] = v0;
-      if (both) o[1] = v1;
-    }
-  } else if (dtype == static_cast<int>(DType::F16)) {
-    __half* o = static_cast<__half*>(out) + i;
-    if (both && vec) {
-      *reinterpret_cast<__half2*>(o) = __floats2half2_rn(v0, v1);
-    } else {
-      o[0] = __float2half_rn(v0);
-      if (both) o[1] = __float2half_rn(v1);
-    }
-  } else {
-    __nv_bfloat16* o = static_cast<__nv_bfloat16*>(out) + i;
-    if (both && vec) {
-      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v0, v1);
-    } else {
-      o[0] = __float2bfloat16_rn(v0);
-      if (both) o[1] = __float2bfloat16_rn(v1);
-    }
-  }
-}
+using Params = GemmW4Problem;  // csrc/include/lowbit/gemm_w4_sm90.h
 
 // Byte offset of 16-byte chunk `ch` of row `row` in a stage's packed-int4 tile (64 bytes per row).
 // XOR with (row & 2): the 16 lanes of one 64-bit load phase (rows r..r+3, two chunks each) hit 32
@@ -445,9 +385,20 @@ void launch(const Params& p, cudaStream_t stream) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm launch: ") + cudaGetErrorString(err));
 }
 
+// LOWBIT_GEMM_W4_KERNEL = auto (default) | wgmma | mma: which W4 kernel runs where both could. Read on
+// every call (a getenv is far below a launch) so tests and benchmarks can measure both in one process.
+enum class KernelChoice { kAuto, kWgmma, kMmaSync };
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("LOWBIT_GEMM_W4_KERNEL");
+  if (v == nullptr || v[0] == '\0' || std::string(v) == "auto") return KernelChoice::kAuto;
+  if (std::string(v) == "wgmma") return KernelChoice::kWgmma;
+  if (std::string(v) == "mma") return KernelChoice::kMmaSync;
+  throw std::invalid_argument(std::string("LOWBIT_GEMM_W4_KERNEL must be auto, wgmma or mma, got ") + v);
+}
+
 }  // namespace
 
-void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint8_t* w,
+void gemm_w4(ActQuant act_kind, const void* act, const float* act_scales, const uint8_t* w,
              const void* w_scales, int64_t M, int64_t N, int64_t K, const float* lora_act,
              const void* lora_up, DType up_dtype, int64_t R, const void* bias, DType bias_dtype, void* out,
              DType out_dtype, void* stream) {
@@ -464,6 +415,8 @@ void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint
   check(aligned(act, 16) && aligned(w, 16), "act and w must be 16-byte aligned (cp.async)");
   check(aligned(w_scales, 2) && aligned(act_scales, 4), "scales must be aligned to their element size");
   check(R == 0 || (aligned(lora_act, 8) && aligned(lora_up, 4)), "lora_act / lora_up misaligned");
+  check(act_kind == ActQuant::INT4_G64 || act_kind == ActQuant::INT8_TOKEN || act_kind == ActQuant::FP8_TOKEN,
+        "unknown activation encoding " + std::to_string(static_cast<int>(act_kind)));
   Params p{};
   p.act = static_cast<const uint8_t*>(act);
   p.act_scales = act_scales;
@@ -481,6 +434,22 @@ void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint
   p.bias_dtype = static_cast<int>(bias_dtype);
   p.out_dtype = static_cast<int>(out_dtype);
   auto s = static_cast<cudaStream_t>(stream);
+  const KernelChoice choice = kernel_choice();
+  const bool sm90 = choice != KernelChoice::kMmaSync && gemm_w4_sm90_available();
+  if (act_kind == ActQuant::FP8_TOKEN) {
+    // fp8 tokens only exist on the wgmma path (e4m3 tensor cores); the ops layer checks availability.
+    check(sm90, "fp8 tokens need the sm_90a wgmma kernel (a Hopper GPU and a build with LOWBIT_CUDA_ARCHS "
+                "containing 90a)");
+    gemm_w4_sm90(act_kind, p, s);
+    return;
+  }
+  // W4A4 with many tokens: the wgmma kernel. Up to 256 tokens the mma.sync tiles below spread the weight
+  // stream over more SMs (measured: docs/kernels.md). LOWBIT_GEMM_W4_KERNEL=wgmma / mma forces one.
+  if (act_kind == ActQuant::INT4_G64 && sm90 && (M > 256 || choice == KernelChoice::kWgmma)) {
+    gemm_w4_sm90(act_kind, p, s);
+    return;
+  }
+  const bool act_int8 = act_kind == ActQuant::INT8_TOKEN;
   // Few tokens: the 128 x 128 tile would leave most SMs idle (N = 3072 gives 24 CTAs), so smaller tiles
   // spread the weight stream over more SMs (the kernel is then bound by reading the weights).
   if (M <= 32) {
@@ -491,5 +460,7 @@ void gemm_w4(bool act_int8, const void* act, const float* act_scales, const uint
     act_int8 ? launch<true>(p, s) : launch<false>(p, s);
   }
 }
+
+bool gemm_w4_fp8_supported() { return gemm_w4_sm90_available(); }
 
 }  // namespace lowbit::cuda

@@ -1,4 +1,6 @@
-"""The CUDA W4A4 / W4A8 GEMMs (csrc/cuda/gemm_w4.cu) against the references.
+"""The CUDA W4A4 / W4A8 GEMMs (csrc/cuda/gemm_w4.cu: mma.sync; csrc/cuda/gemm_w4_sm90.cu: wgmma) against
+the references. Every W4A4 case runs on both kernels (LOWBIT_GEMM_W4_KERNEL=mma / wgmma; wgmma only on a
+Hopper GPU); W4A8 runs int8 tokens (mma.sync) and fp8 e4m3 tokens (wgmma).
 
 * Integer parts: with unit scales and no epilogue the fp32 output is an exact integer sum, compared
   exactly with an int64 matmul of the unpacked values.
@@ -20,6 +22,27 @@ from lowbit_engine.formats import int4
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_build]
 BF = torch.bfloat16
+FP8 = torch.float8_e4m3fn
+
+# (format, activation encoding, kernel): the combinations the dispatch can run.
+CASES = [("w4a4", "int4", "mma"), ("w4a4", "int4", "wgmma"), ("w4a8", "int8", "mma"), ("w4a8", "fp8", "wgmma")]
+CASE_IDS = ["-".join(c) for c in CASES]
+
+
+def _wgmma_supported() -> bool:
+    from lowbit_engine._build_info import native
+
+    mod = native()
+    return mod is not None and hasattr(mod, "cuda_gemm_w4_fp8_supported") and mod.cuda_gemm_w4_fp8_supported()
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def case(request, monkeypatch):
+    fmt, enc, kernel = request.param
+    if kernel == "wgmma" and not _wgmma_supported():
+        pytest.skip("the wgmma kernel needs a Hopper GPU and an sm_90a build")
+    monkeypatch.setenv("LOWBIT_GEMM_W4_KERNEL", kernel)
+    return fmt, enc
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -38,49 +61,56 @@ def _weights(N: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Te
     return int4.pack(q), sw
 
 
-def _acts(mode: str, M: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    if mode == "w4a4":
+def _acts(enc: str, M: int, K: int, g: torch.Generator, integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random activations of one encoding; fp8 ones are small integers (exact) when `integer`."""
+    if enc == "int4":
         return int4.pack(torch.randint(-8, 8, (M, K), generator=g, dtype=torch.int8)), \
             torch.rand(M, K // 64, generator=g) * 0.5 + 0.01
-    return torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8), torch.rand(M, generator=g) * 0.05 + 1e-3
+    scales = torch.rand(M, generator=g) * 0.05 + 1e-3
+    if enc == "int8":
+        return torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8), scales
+    if integer:
+        return torch.randint(-16, 17, (M, K), generator=g).to(FP8), scales
+    return (torch.randn(M, K, generator=g) * 40).clamp(-448, 448).to(FP8), scales
 
 
-def _int_dot(mode: str, act: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    a = int4.unpack(act) if mode == "w4a4" else act
-    return a.long() @ int4.unpack(w).long().T
+def _int_dot(enc: str, act: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    a = int4.unpack(act).double() if enc == "int4" else act.double()
+    return a @ int4.unpack(w).double().T
 
 
 def _gemm(mode: str):
     return ops.gemm_w4a4 if mode == "w4a4" else ops.gemm_w4a8
 
 
-@pytest.mark.parametrize("mode", ["w4a4", "w4a8"])
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (17, 136, 192), (111, 73, 320), (4608, 256, 3072),
-                                   (300, 384, 15360)])
-def test_integer_part_is_exact(mode, M, N, K):
+                                   (300, 384, 15360), (257, 1000, 448)])
+def test_integer_part_is_exact(case, M, N, K):
+    mode, enc = case
     g = _gen(M * 7 + K)
     w, _ = _weights(N, K, g)
-    act, _ = _acts(mode, M, K, g)
+    act, _ = _acts(enc, M, K, g, integer=True)
     sa = torch.ones(M, K // 64) if mode == "w4a4" else torch.ones(M)
     sw = torch.ones(N, K // 64, dtype=BF)
-    expect = _int_dot(mode, act, w)
+    expect = _int_dot(enc, act, w)
     assert expect.abs().max() < 2**24  # exactly representable in the fp32 output
     _poison_allocator(M * N * 4)
     with ops.record_backends() as used:
         out = _gemm(mode)(act.cuda(), sa.cuda(), w.cuda(), sw.cuda(), out_dtype=torch.float32)
         torch.cuda.synchronize()
     assert used == {f"gemm_{mode}": {"cuda"}}
-    assert torch.equal(out.cpu().double(), expect.double())
+    assert torch.equal(out.cpu().double(), expect)
 
 
-@pytest.mark.parametrize("mode", ["w4a4", "w4a8"])
 @pytest.mark.parametrize("M,N,K,R", [(1, 128, 256, 32), (17, 200, 192, 16), (111, 131, 640, 8),
-                                     (4608, 384, 3072, 32), (64, 256, 1024, 256), (33, 256, 512, 0)])
+                                     (4608, 384, 3072, 32), (64, 256, 1024, 256), (33, 256, 512, 0),
+                                     (300, 136, 704, 16)])
 @pytest.mark.parametrize("up_dtype", [torch.bfloat16, torch.float16])
-def test_float_parts_within_1e3_of_float64(mode, M, N, K, R, up_dtype):
+def test_float_parts_within_1e3_of_float64(case, M, N, K, R, up_dtype):
+    mode, enc = case
     g = _gen(M + N + K + R)
     w, sw = _weights(N, K, g)
-    act, sa = _acts(mode, M, K, g)
+    act, sa = _acts(enc, M, K, g)
     lora_act = torch.randn(M, R, generator=g) * 3 if R else None
     lora_up = (torch.randn(N, R, generator=g) * 0.05).to(up_dtype) if R else None
     bias = torch.randn(N, generator=g).to(up_dtype)
@@ -105,7 +135,7 @@ def test_16bit_outputs_round_the_fp32_result(out_dtype):
     M, N, K, R = 77, 264, 512, 16
     g = _gen(5)
     w, sw = _weights(N, K, g)
-    act, sa = _acts("w4a4", M, K, g)
+    act, sa = _acts("int4", M, K, g)
     la, up = torch.randn(M, R, generator=g), (torch.randn(N, R, generator=g) * 0.05).to(BF)
     args = [t.cuda() for t in (act, sa, w, sw, la, up)]
     f32 = ops.gemm_w4a4(*args, None, torch.float32)
@@ -115,14 +145,14 @@ def test_16bit_outputs_round_the_fp32_result(out_dtype):
     torch.testing.assert_close(low, f32.to(out_dtype), rtol=0, atol=0)
 
 
-def test_fp8_tokens_and_odd_ranks_are_not_taken_by_the_cuda_kernel():
+def test_fp8_tokens_go_to_cuda_only_where_the_wgmma_kernel_runs_and_odd_ranks_never():
     g = _gen(9)
     M, N, K = 32, 128, 256
     w, sw = _weights(N, K, g)
-    x = torch.randn(M, K, generator=g).to(torch.float8_e4m3fn)
+    x = torch.randn(M, K, generator=g).to(FP8)
     out = ops.gemm_w4a8(x.cuda(), torch.ones(M).cuda(), w.cuda(), sw.cuda(), out_dtype=torch.float32)
-    assert ops.last_backend("gemm_w4a8") != "cuda" and out.shape == (M, N)
-    act, sa = _acts("w4a4", M, K, g)
+    assert (ops.last_backend("gemm_w4a8") == "cuda") == _wgmma_supported() and out.shape == (M, N)
+    act, sa = _acts("int4", M, K, g)
     la, up = torch.randn(M, 12, generator=g), torch.randn(N, 12, generator=g).to(BF)
     ops.gemm_w4a4(act.cuda(), sa.cuda(), w.cuda(), sw.cuda(), la.cuda(), up.cuda(), None, torch.float32)
     assert ops.last_backend("gemm_w4a4") != "cuda"
@@ -132,7 +162,7 @@ def test_misaligned_activation_view_is_a_clear_error():
     g = _gen(3)
     M, N, K = 16, 128, 128
     w, sw = _weights(N, K, g)
-    act, sa = _acts("w4a8", M + 1, K, g)
+    act, sa = _acts("int8", M + 1, K, g)
     view = act.cuda().view(-1)[K // 2 + 8: K // 2 + 8 + M * K].view(M, K)  # contiguous, 8-byte offset
     with pytest.raises(OpInputError, match="aligned"):
         ops.gemm_w4a8(view, sa[:M].cuda(), w.cuda(), sw.cuda())
