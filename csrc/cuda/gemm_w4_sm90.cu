@@ -16,12 +16,12 @@
 //     nibbles into 4 e4m3 bytes with byte permutes (int4x8_to_e4m3): that IS the A fragment order.
 //
 // CTA = 3 warpgroups, 128 weight rows x kTok tokens:
-//   warpgroup 0 (producer, 40 registers): thread p copies weight row p and token row p of each K stage
+//   warpgroup 0 (producer, 80 registers): thread p copies weight row p and token row p of each K stage
 //     (128 k = two groups) with cp.async into a kStages ring; for W4A4 it then widens its own token row
 //     (int4 -> e4m3, 128 bytes) into the 128-byte-swizzled B tile. It waits for its own copies only
 //     (cp.async.wait_group), so no barrier is needed inside the producer; it publishes a stage with
 //     fence.proxy.async + mbarrier arrive (full[s]) and waits on empty[s] before reusing a slot.
-//   warpgroups 1-2 (consumers, 232 registers): 64 weight rows each, all kTok tokens. Per group: build the A
+//   warpgroups 1-2 (consumers, 208 registers): 64 weight rows each, all kTok tokens. Per group: build the A
 //     fragments, two wgmma k32 steps (scale-d 0 then 1), wait, promote into the fp32 totals. The two
 //     consumer warpgroups are not in lockstep (no CTA barrier in the main loop), so one promotes while
 //     the other's wgmma runs.
@@ -49,8 +49,8 @@ using namespace lowbit::cuda::epi;
 
 constexpr int kRowsPerCta = 128;  // weight rows: 2 consumer warpgroups x 64
 constexpr int kStageK = 128;      // K per pipeline stage (two 64-groups)
-constexpr int kStages = 4;        // ring depth
-constexpr int kLookahead = 2;     // stages the producer's copies run ahead of its widening
+constexpr int kStages = 6;        // ring depth
+constexpr int kLookahead = 4;     // stages the producer's copies run ahead of its widening
 constexpr int kThreads = 384;
 
 // Shared memory of one stage: the e4m3 token tile first (1024-byte aligned for the swizzle), then the raw
@@ -123,44 +123,47 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
 
   if (tid < 128) {
     // ================================ producer warpgroup =================================================
-    sm90::regs_dealloc<40>();
-    const int prow = tid;
-    const int wrow = n0 + prow;
-    const bool w_ok = wrow < p.N;
-    const uint8_t* w_src = p.w + int64_t(w_ok ? wrow : 0) * (p.K / 2);
-    const bool has_tok = prow < kTok;
-    const int trow = m0 + prow;
-    const bool t_ok = has_tok && trow < p.M;
-    const uint8_t* t_src = p.act + int64_t(t_ok ? trow : 0) * (kFp8 ? p.K : p.K / 2);
+    sm90::regs_dealloc<80>();
+    // Coalesced copies: 4 consecutive threads take the 4 16-byte chunks of one 64-byte packed row (8 rows
+    // per warp instruction), 8 consecutive threads the 8 chunks of one 128-byte fp8 token row. A thread
+    // widens exactly the chunks it copied, so it only waits for its own copies.
+    const int c4 = tid & 3, r4 = tid >> 2;  // packed rows r4 + 32 i
+    const int c8 = tid & 7, r8 = tid >> 3;  // fp8 token rows r8 + 16 i
+    const int64_t w_row_bytes = p.K / 2, t_row_bytes = kFp8 ? p.K : p.K / 2;
 
     auto issue = [&](int s) {
       uint8_t* st = smem + (s % kStages) * S::kStage;
       const bool second = 2 * s + 1 < G;  // the last stage of an odd group count holds one group
       const int kb = s * (kStageK / 2);   // packed byte offset of the stage in a row
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const bool ok = w_ok && (c < 2 || second);
-        cp_async16(st + S::kB + packed_offset(prow, c), ok ? w_src + kb + 16 * c : p.w, ok);
+      for (int i = 0; i < kRowsPerCta / 32; ++i) {
+        const int r = r4 + 32 * i;
+        const bool ok = n0 + r < p.N && (c4 < 2 || second);
+        cp_async16(st + S::kB + packed_offset(r, c4), ok ? p.w + (n0 + r) * w_row_bytes + kb + 16 * c4 : p.w, ok);
       }
-      if (has_tok) {
-        if constexpr (kFp8) {
+      if constexpr (kFp8) {
 #pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            const bool ok = t_ok && (c < 4 || second);
-            cp_async16(st + prow * 128 + ((c ^ (prow & 7)) << 4), ok ? t_src + s * kStageK + 16 * c : p.act, ok);
-          }
-        } else {
-          uint8_t* raw = raw_tokens + (s % (kLookahead + 1)) * (kTok * 64);
+        for (int i = 0; i < kTok / 16; ++i) {
+          const int r = r8 + 16 * i;
+          const bool ok = m0 + r < p.M && (c8 < 4 || second);
+          cp_async16(st + r * 128 + ((c8 ^ (r & 7)) << 4),
+                     ok ? p.act + (m0 + r) * t_row_bytes + s * kStageK + 16 * c8 : p.act, ok);
+        }
+      } else {
+        uint8_t* raw = raw_tokens + (s % (kLookahead + 1)) * (kTok * 64);
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const bool ok = t_ok && (c < 2 || second);
-            cp_async16(raw + packed_offset(prow, c), ok ? t_src + kb + 16 * c : p.act, ok);
-          }
+        for (int i = 0; i < kTok / 32; ++i) {
+          const int r = r4 + 32 * i;
+          const bool ok = m0 + r < p.M && (c4 < 2 || second);
+          cp_async16(raw + packed_offset(r, c4), ok ? p.act + (m0 + r) * t_row_bytes + kb + 16 * c4 : p.act, ok);
+        }
+        if (tid < kTok) {
           float* sa = reinterpret_cast<float*>(st + S::kB + S::kW);
+          const bool row_ok = m0 + tid < p.M;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const bool ok = t_ok && (h == 0 || second);
-            sm90::cp_async4(sa + h * kTok + prow, ok ? p.act_scales + int64_t(trow) * G + 2 * s + h : p.act_scales,
+            const bool ok = row_ok && (h == 0 || second);
+            sm90::cp_async4(sa + h * kTok + tid, ok ? p.act_scales + int64_t(m0 + tid) * G + 2 * s + h : p.act_scales,
                             ok);
           }
         }
@@ -180,21 +183,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       cp_async_commit();
       cp_async_wait<kLookahead>();  // this thread's copies of stage s have landed
       if constexpr (!kFp8) {
-        if (has_tok) {
-          // Widen this thread's token row: 64 packed bytes -> 128 e4m3 bytes, 16-byte chunks swizzled.
-          const uint8_t* raw = raw_tokens + (s % (kLookahead + 1)) * (kTok * 64);
-          uint8_t* b = smem + (s % kStages) * S::kStage + prow * 128;
+        // Widen the token chunks this thread copied: 16 packed bytes -> 32 e4m3 bytes (chunks 2c, 2c + 1
+        // of the 128-byte swizzled row).
+        const uint8_t* raw = raw_tokens + (s % (kLookahead + 1)) * (kTok * 64);
+        uint8_t* b = smem + (s % kStages) * S::kStage;
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const uint4 v = *reinterpret_cast<const uint4*>(raw + packed_offset(prow, c));
-            uint4 e0, e1;
-            int4x8_to_e4m3(v.x, e0.x, e0.y);
-            int4x8_to_e4m3(v.y, e0.z, e0.w);
-            int4x8_to_e4m3(v.z, e1.x, e1.y);
-            int4x8_to_e4m3(v.w, e1.z, e1.w);
-            *reinterpret_cast<uint4*>(b + (((2 * c) ^ (prow & 7)) << 4)) = e0;
-            *reinterpret_cast<uint4*>(b + (((2 * c + 1) ^ (prow & 7)) << 4)) = e1;
-          }
+        for (int i = 0; i < kTok / 32; ++i) {
+          const int r = r4 + 32 * i;
+          const uint4 v = *reinterpret_cast<const uint4*>(raw + packed_offset(r, c4));
+          uint4 e0, e1;
+          int4x8_to_e4m3(v.x, e0.x, e0.y);
+          int4x8_to_e4m3(v.y, e0.z, e0.w);
+          int4x8_to_e4m3(v.z, e1.x, e1.y);
+          int4x8_to_e4m3(v.w, e1.z, e1.w);
+          *reinterpret_cast<uint4*>(b + r * 128 + (((2 * c4) ^ (r & 7)) << 4)) = e0;
+          *reinterpret_cast<uint4*>(b + r * 128 + (((2 * c4 + 1) ^ (r & 7)) << 4)) = e1;
         }
       }
       sm90::fence_proxy_async();
@@ -203,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
     cp_async_wait<0>();
   } else {
     // ================================ consumer warpgroups ================================================
-    sm90::regs_alloc<232>();
+    sm90::regs_alloc<208>();
     const int ctid = tid - 128;
     const int wg = ctid >> 7;          // consumer warpgroup: weight rows 64 wg ..
     const int warp = (ctid >> 5) & 3;  // warp within the warpgroup: 16 rows each
@@ -222,66 +225,75 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
     // Weight scales run one group ahead (two loads per group, latency hidden behind the previous group).
     float s_next0 = bf16_bits_to_float(__ldg(sw_r0)), s_next1 = bf16_bits_to_float(__ldg(sw_r1));
 
-    for (int s = 0; s < num_stages; ++s) {
-      const int slot = s % kStages;
-      sm90::mbar_wait(&full[slot], (s / kStages) & 1);
+    // A fragments of group grp (stage grp / 2, half grp % 2) for both k32 steps: rows r0 (a[.][0], a[.][2])
+    // and r0 + 8 (a[.][1], a[.][3]).
+    auto build = [&](int grp, uint32_t (&a)[2][4]) {
+      const uint8_t* wt = smem + ((grp >> 1) % kStages) * S::kStage + S::kB;
+      const int h = grp & 1;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int r = r0 + 8 * rr;
+        uint32_t x[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          // 8-byte chunk c of the group = 16-byte chunk 2h + c/2, bytes 8 (c & 1) + 4 (t >> 1).
+          x[c] = *reinterpret_cast<const uint32_t*>(wt + packed_offset(r, 2 * h + (c >> 1)) + 8 * (c & 1) +
+                                                    4 * (t >> 1));
+        }
+        int4x8_to_e4m3(prmt(x[0], x[1], half_sel), a[0][rr], a[0][rr + 2]);
+        int4x8_to_e4m3(prmt(x[2], x[3], half_sel), a[1][rr], a[1][rr + 2]);
+      }
+    };
+
+    // Software pipeline over the groups: the fragments of group grp + 1 are built (and its stage waited
+    // for) while the tensor cores run group grp.
+    uint32_t a_cur[2][4], a_nxt[2][4];
+    sm90::mbar_wait(&full[0], 0);
+    build(0, a_cur);
+    for (int grp = 0; grp < G; ++grp) {
+      const int s = grp >> 1, h = grp & 1, slot = s % kStages;
       const uint8_t* st = smem + slot * S::kStage;
-      const uint32_t b_addr = sm90::smem_addr(st);
+      const uint32_t b_addr = sm90::smem_addr(st) + 64 * h;
+      const float s0 = s_next0, s1 = s_next1;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int grp = 2 * s + h;
-        if (grp >= G) break;
-        const float s0 = s_next0, s1 = s_next1;
-        if (grp + 1 < G) {
-          s_next0 = bf16_bits_to_float(__ldg(sw_r0 + grp + 1));
-          s_next1 = bf16_bits_to_float(__ldg(sw_r1 + grp + 1));
+      for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
+      sm90::wgmma_fence();
+      wgmma_tile<kTok>(acc, a_cur[0], sm90::desc_kmajor_sw128(b_addr), 0);
+      wgmma_tile<kTok>(acc, a_cur[1], sm90::desc_kmajor_sw128(b_addr + 32), 1);
+      sm90::wgmma_commit();
+      if (grp + 1 < G) {
+        s_next0 = bf16_bits_to_float(__ldg(sw_r0 + grp + 1));
+        s_next1 = bf16_bits_to_float(__ldg(sw_r1 + grp + 1));
+        if (h == 1) sm90::mbar_wait(&full[(s + 1) % kStages], ((s + 1) / kStages) & 1);
+        build(grp + 1, a_nxt);
+      }
+      sm90::wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
+      if constexpr (kFp8) {
+#pragma unroll
+        for (int j = 0; j < kTok / 8; ++j) {
+          total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
+          total[4 * j + 1] = fmaf(acc[4 * j + 1], s0, total[4 * j + 1]);
+          total[4 * j + 2] = fmaf(acc[4 * j + 2], s1, total[4 * j + 2]);
+          total[4 * j + 3] = fmaf(acc[4 * j + 3], s1, total[4 * j + 3]);
         }
-        // A fragments of both k32 steps: rows r0 (a[0], a[2]) and r0 + 8 (a[1], a[3]).
-        uint32_t a[2][4];
+      } else {
+        const float* sa = reinterpret_cast<const float*>(st + S::kB + S::kW) + h * kTok + 2 * t;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int r = r0 + 8 * rr;
-          const uint8_t* row = st + S::kB;
-          uint32_t x[4];
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            // 8-byte chunk c of the group = 16-byte chunk 2h + c/2, bytes 8 (c & 1) + 4 (t >> 1).
-            x[c] = *reinterpret_cast<const uint32_t*>(row + packed_offset(r, 2 * h + (c >> 1)) + 8 * (c & 1) +
-                                                      4 * (t >> 1));
-          }
-          int4x8_to_e4m3(prmt(x[0], x[1], half_sel), a[0][rr], a[0][rr + 2]);
-          int4x8_to_e4m3(prmt(x[2], x[3], half_sel), a[1][rr], a[1][rr + 2]);
-        }
-#pragma unroll
-        for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
-        sm90::wgmma_fence();
-        wgmma_tile<kTok>(acc, a[0], sm90::desc_kmajor_sw128(b_addr + 64 * h), 0);
-        wgmma_tile<kTok>(acc, a[1], sm90::desc_kmajor_sw128(b_addr + 64 * h + 32), 1);
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
-        if constexpr (kFp8) {
-#pragma unroll
-          for (int j = 0; j < kTok / 8; ++j) {
-            total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
-            total[4 * j + 1] = fmaf(acc[4 * j + 1], s0, total[4 * j + 1]);
-            total[4 * j + 2] = fmaf(acc[4 * j + 2], s1, total[4 * j + 2]);
-            total[4 * j + 3] = fmaf(acc[4 * j + 3], s1, total[4 * j + 3]);
-          }
-        } else {
-          const float* sa = reinterpret_cast<const float*>(st + S::kB + S::kW) + h * kTok + 2 * t;
-#pragma unroll
-          for (int j = 0; j < kTok / 8; ++j) {
-            const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
-            total[4 * j + 0] = fmaf(acc[4 * j + 0], s0 * ts.x, total[4 * j + 0]);
-            total[4 * j + 1] = fmaf(acc[4 * j + 1], s0 * ts.y, total[4 * j + 1]);
-            total[4 * j + 2] = fmaf(acc[4 * j + 2], s1 * ts.x, total[4 * j + 2]);
-            total[4 * j + 3] = fmaf(acc[4 * j + 3], s1 * ts.y, total[4 * j + 3]);
-          }
+        for (int j = 0; j < kTok / 8; ++j) {
+          const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
+          total[4 * j + 0] = fmaf(acc[4 * j + 0], s0 * ts.x, total[4 * j + 0]);
+          total[4 * j + 1] = fmaf(acc[4 * j + 1], s0 * ts.y, total[4 * j + 1]);
+          total[4 * j + 2] = fmaf(acc[4 * j + 2], s1 * ts.x, total[4 * j + 2]);
+          total[4 * j + 3] = fmaf(acc[4 * j + 3], s1 * ts.y, total[4 * j + 3]);
         }
       }
-      sm90::mbar_arrive(&empty[slot]);
+      if (h == 1 || grp + 1 == G) sm90::mbar_arrive(&empty[slot]);  // this stage is no longer read
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a_cur[k][i] = a_nxt[k][i];
     }
 
     // ---- epilogue: element 4j + i is weight row r0 + 8 (i >> 1), token 8j + 2t + (i & 1) ---------------

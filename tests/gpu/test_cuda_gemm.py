@@ -127,7 +127,10 @@ def test_float_parts_within_1e3_of_float64(case, M, N, K, R, up_dtype):
     err = ((out - ref).norm() / ref.norm()).item()
     worst = ((out - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-3 and worst < 1e-3, (err, worst)
-    assert err < 1e-5  # what the kernel actually achieves: fp32 sums of once-rounded group products
+    # What the kernels achieve: integer group sums are exact, then fp32 sums of once-rounded group products.
+    # fp8 tokens are not integers: the fp8 tensor cores round their fp32 partial sums more coarsely
+    # (measured 2.5e-5 .. 3.7e-5 on the H100).
+    assert err < (1e-4 if enc == "fp8" else 1e-5), err
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
