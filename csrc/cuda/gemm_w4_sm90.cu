@@ -270,6 +270,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       sm90::wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sm90::fence_operand(a_cur[k][i]);
       if constexpr (kFp8) {
 #pragma unroll
         for (int j = 0; j < kTok / 8; ++j) {

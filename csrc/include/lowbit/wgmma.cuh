@@ -66,6 +66,10 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // Keeps the compiler from moving reads of an accumulator across the wait (the asm above has no operands).
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// Same for an A fragment register of an in-flight wgmma: placed after the wait, it keeps the register live
+// (and unchanged) until then, so the allocator cannot hand it to other values while the tensor cores may
+// still read it.
+__device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // Descriptor of a K-major operand tile stored with the 128-byte swizzle: rows of 128 bytes, 16-byte chunk c
 // of row r at chunk c ^ (r % 8), groups of 8 rows 1024 bytes apart (stride byte offset), tile base 1024-byte
