@@ -222,16 +222,16 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
                           lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8f_args(i)), "gemm_w4a8", w4a8f_args))
 
     if on_gpu and pre is not None:
-        # The W4A4 GEMM on the mma.sync kernel where the dispatch would pick wgmma (kernel comparison).
-        def w4a4_mma_sync(i):
-            os.environ["LOWBIT_GEMM_W4_KERNEL"] = "mma"
+        # The W4A4 GEMM on the wgmma kernel (the dispatch default is the mma.sync one): kernel comparison.
+        def w4a4_wgmma(i):
+            os.environ["LOWBIT_GEMM_W4_KERNEL"] = "wgmma"
             try:
                 return torch.ops.lowbit.gemm_w4a4(*w4a4_args(i))
             finally:
                 os.environ.pop("LOWBIT_GEMM_W4_KERNEL", None)
 
-        cases.append(Case("gemm_w4a4_r32_mma_sync", flops,
-                          M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b, w4a4_mma_sync, "gemm_w4a4"))
+        cases.append(Case("gemm_w4a4_r32_wgmma", flops,
+                          M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b, w4a4_wgmma, "gemm_w4a4"))
 
     def svdq_linear(i, mode):
         d = sets[i]

@@ -9,8 +9,8 @@ import pytest
 from lowbit_engine import benchmark, cli
 
 EXPECTED_KERNELS = {"torch_matmul_bf16", "quantize_act_int4_r32", "quantize_act_int8_r32", "gemm_w4a4_r32",
-                    "gemm_w4a8_r32",
-                    "svdq_w4a4_linear_r32", "svdq_w4a8_linear_r32", "fp8_linear_dynamic", "nvfp4_linear_fp8",
+                    "gemm_w4a8_r32", "gemm_w4a8fp8_r32",
+                    "svdq_w4a4_linear_r32", "svdq_w4a8_linear_r32", "svdq_w4a8fp8_linear_r32", "fp8_linear_dynamic", "nvfp4_linear_fp8",
                     "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
 FLOAT_KERNELS = {"fp8_linear_dynamic", "nvfp4_linear_fp8", "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
 
@@ -22,6 +22,7 @@ def test_cpu_run_reports_every_kernel_with_its_backend():
     assert set(rows) == EXPECTED_KERNELS
     assert rows["gemm_w4a4_r32"]["backend"] == "cpu"
     assert rows["gemm_w4a8_r32"]["backend"] == "cpu"
+    assert rows["gemm_w4a8fp8_r32"]["backend"] == "cpu"
     assert rows["svdq_w4a4_linear_r32"]["backend"] == "cpu"  # both ops of the composite ran on the C++ ref
     for r in report["results"]:
         assert r["median_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
@@ -45,7 +46,8 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert cli.main(["bench", "kernels", "--device", "cpu", "--repeat", "1", "--kernels", "gemm", "--out",
                      str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["results"] and {r["kernel"] for r in data["results"]} == {"gemm_w4a4_r32", "gemm_w4a8_r32"}
+    assert data["results"] and {r["kernel"] for r in data["results"]} == {"gemm_w4a4_r32", "gemm_w4a8_r32",
+                                                                         "gemm_w4a8fp8_r32"}
     assert "wrote" in capsys.readouterr().out
 
 

@@ -40,5 +40,5 @@ void register_cuda(py::module_& m) {
       "W4A4 / W4A8 GEMM with the low-rank + bias epilogue on the GPU (same contract as cpu_gemm_w4a4/w4a8);\n"
       "act_kind is the ActQuant code of the activations (0 int4 group 64, 1 int8, 2 fp8 e4m3)");
   m.def("cuda_gemm_w4_fp8_supported", &lowbit::cuda::gemm_w4_fp8_supported,
-        "True when the sm_90a wgmma GEMM runs on the current device (fp8 tokens; W4A4 with M > 256)");
+        "True when the sm_90a wgmma GEMM runs on the current device (fp8 tokens; W4A4 with LOWBIT_GEMM_W4_KERNEL=wgmma)");
 }

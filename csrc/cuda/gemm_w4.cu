@@ -443,9 +443,11 @@ void gemm_w4(ActQuant act_kind, const void* act, const float* act_scales, const 
     gemm_w4_sm90(act_kind, p, s);
     return;
   }
-  // W4A4 with many tokens: the wgmma kernel. Up to 256 tokens the mma.sync tiles below spread the weight
-  // stream over more SMs (measured: docs/kernels.md). LOWBIT_GEMM_W4_KERNEL=wgmma / mma forces one.
-  if (act_kind == ActQuant::INT4_G64 && sm90 && (M > 256 || choice == KernelChoice::kWgmma)) {
+  // W4A4: the mma.sync kernel below by default. The wgmma kernel computes the same (tests: exact integer
+  // parts on both) but measured slower for int4 tokens on the H100 (its producer warps widen every token
+  // to e4m3 and the promotion is FMUL + FFMA: issue-bound; docs/kernels.md). LOWBIT_GEMM_W4_KERNEL=wgmma
+  // selects it.
+  if (act_kind == ActQuant::INT4_G64 && sm90 && choice == KernelChoice::kWgmma) {
     gemm_w4_sm90(act_kind, p, s);
     return;
   }

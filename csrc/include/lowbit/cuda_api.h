@@ -25,7 +25,7 @@ void gemm_w4(ActQuant act_kind, const void* act, const float* act_scales, const 
              DType out_dtype, void* stream);
 
 // True when the sm_90a wgmma GEMM can run on the current device (built for 90a, device is Hopper): fp8
-// tokens are accepted and W4A4 with many tokens uses it.
+// tokens are accepted (W4A4 uses it only with LOWBIT_GEMM_W4_KERNEL=wgmma).
 bool gemm_w4_fp8_supported();
 
 }  // namespace lowbit::cuda
