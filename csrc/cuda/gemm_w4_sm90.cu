@@ -53,6 +53,14 @@ constexpr int kStages = 6;        // ring depth
 constexpr int kLookahead = 4;     // stages the producer's copies run ahead of its widening
 constexpr int kThreads = 384;
 
+// Ablation switches for bench/microbench/gemm_w4_sm90_ablation.cu (all off in the library build): each
+// removes one part of the work so its cost can be read off the timings. Results are wrong when one is on.
+#ifndef LOWBIT_SM90_ABLATE
+#define LOWBIT_SM90_ABLATE 0
+#endif
+constexpr int kAblate = LOWBIT_SM90_ABLATE;
+constexpr int kAblateLoads = 1, kAblateMma = 2, kAblatePromote = 4, kAblateBuild = 8;
+
 // Shared memory of one stage: the e4m3 token tile first (1024-byte aligned for the swizzle), then the raw
 // packed weights, then (W4A4) the token scales of both groups as [2][kTok] fp32.
 template <bool kFp8, int kTok>
@@ -132,6 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
     const int64_t w_row_bytes = p.K / 2, t_row_bytes = kFp8 ? p.K : p.K / 2;
 
     auto issue = [&](int s) {
+      if constexpr ((kAblate & kAblateLoads) != 0) return;
       uint8_t* st = smem + (s % kStages) * S::kStage;
       const bool second = 2 * s + 1 < G;  // the last stage of an odd group count holds one group
       const int kb = s * (kStageK / 2);   // packed byte offset of the stage in a row
@@ -228,6 +237,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
     // A fragments of group grp (stage grp / 2, half grp % 2) for both k32 steps: rows r0 (a[.][0], a[.][2])
     // and r0 + 8 (a[.][1], a[.][3]).
     auto build = [&](int grp, uint32_t (&a)[2][4]) {
+      if constexpr ((kAblate & kAblateBuild) != 0) {
+        a[0][0] = a[0][1] = a[0][2] = a[0][3] = a[1][0] = a[1][1] = a[1][2] = a[1][3] = 0x38383838u + grp;
+        return;
+      }
       const uint8_t* wt = smem + ((grp >> 1) % kStages) * S::kStage + S::kB;
       const int h = grp & 1;
 #pragma unroll
@@ -258,8 +271,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
 #pragma unroll
       for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
       sm90::wgmma_fence();
-      wgmma_tile<kTok>(acc, a_cur[0], sm90::desc_kmajor_sw128(b_addr), 0);
-      wgmma_tile<kTok>(acc, a_cur[1], sm90::desc_kmajor_sw128(b_addr + 32), 1);
+      if constexpr ((kAblate & kAblateMma) == 0) {
+        wgmma_tile<kTok>(acc, a_cur[0], sm90::desc_kmajor_sw128(b_addr), 0);
+        wgmma_tile<kTok>(acc, a_cur[1], sm90::desc_kmajor_sw128(b_addr + 32), 1);
+      } else if (grp == 0) {
+#pragma unroll
+        for (int i = 0; i < kTok / 2; ++i) acc[i] = float(a_cur[0][i & 3]);
+      }
       sm90::wgmma_commit();
       if (grp + 1 < G) {
         s_next0 = bf16_bits_to_float(__ldg(sw_r0 + grp + 1));
@@ -274,7 +292,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       for (int k = 0; k < 2; ++k)
 #pragma unroll
         for (int i = 0; i < 4; ++i) sm90::fence_operand(a_cur[k][i]);
-      if constexpr (kFp8) {
+      if constexpr ((kAblate & kAblatePromote) != 0) {
+        if (grp + 1 == G) {
+#pragma unroll
+          for (int i = 0; i < kTok / 2; ++i) total[i] = acc[i] * s0;
+        }
+      } else if constexpr (kFp8) {
 #pragma unroll
         for (int j = 0; j < kTok / 8; ++j) {
           total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
