@@ -188,3 +188,13 @@ def test_svdq_linear_runs_the_cuda_kernels(fmt):
     with ops.use_backend("torch"):
         y_ref = q(x.cuda())
     assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 1e-2
+
+
+def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):
+    g = _gen(4)
+    M, N, K = 8, 128, 128
+    w, sw = _weights(N, K, g)
+    act, sa = _acts("int4", M, K, g)
+    monkeypatch.setenv("LOWBIT_GEMM_W4_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="LOWBIT_GEMM_W4_KERNEL must be auto, wgmma or mma, got fastest"):
+        ops.gemm_w4a4(act.cuda(), sa.cuda(), w.cuda(), sw.cuda())
