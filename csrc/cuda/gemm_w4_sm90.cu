@@ -60,6 +60,9 @@ constexpr int kThreads = 384;
 #endif
 constexpr int kAblate = LOWBIT_SM90_ABLATE;
 constexpr int kAblateLoads = 1, kAblateMma = 2, kAblatePromote = 4, kAblateBuild = 8;
+// 16: no per-group promotion and no per-group wait: every group accumulates into the same wgmma
+// accumulator (the loop a format with the group scales folded into the operands would run).
+constexpr int kAblateAccumulate = 16;
 
 // Shared memory of one stage: the e4m3 token tile first (1024-byte aligned for the swizzle), then the raw
 // packed weights, then (W4A4) the token scales of both groups as [2][kTok] fp32.
@@ -263,6 +266,37 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
     uint32_t a_cur[2][4], a_nxt[2][4];
     sm90::mbar_wait(&full[0], 0);
     build(0, a_cur);
+    if constexpr ((kAblate & kAblateAccumulate) != 0) {
+      // MMA g reads one fragment set while g + 1's is built into the other; wait_group 1 frees a set.
+      auto step = [&](int grp, uint32_t (&a)[2][4], uint32_t (&b)[2][4]) {
+        const int s = grp >> 1, h = grp & 1;
+        const uint32_t b_addr = sm90::smem_addr(smem + (s % kStages) * S::kStage) + 64 * h;
+        sm90::wgmma_fence();
+        wgmma_tile<kTok>(acc, a[0], sm90::desc_kmajor_sw128(b_addr), grp == 0 ? 0 : 1);
+        wgmma_tile<kTok>(acc, a[1], sm90::desc_kmajor_sw128(b_addr + 32), 1);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<1>();  // group grp - 1 is done: its fragments (b) and its stage are free
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sm90::fence_operand(b[k][i]);
+        if (grp >= 1 && ((grp - 1) & 1) == 1) sm90::mbar_arrive(&empty[((grp - 1) >> 1) % kStages]);
+        if (grp + 1 < G) {
+          if (h == 1) sm90::mbar_wait(&full[(s + 1) % kStages], ((s + 1) / kStages) & 1);
+          build(grp + 1, b);
+        }
+      };
+      for (int grp = 0; grp < G; grp += 2) {
+        step(grp, a_cur, a_nxt);
+        if (grp + 1 < G) step(grp + 1, a_nxt, a_cur);
+      }
+      sm90::wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kTok / 2; ++i) sm90::fence_operand(acc[i]);
+      if ((G & 1) == 0) sm90::mbar_arrive(&empty[((G - 1) >> 1) % kStages]);
+#pragma unroll
+      for (int i = 0; i < kTok / 2; ++i) total[i] = acc[i] * s_next0;
+    } else
     for (int grp = 0; grp < G; ++grp) {
       const int s = grp >> 1, h = grp & 1, slot = s % kStages;
       const uint8_t* st = smem + slot * S::kStage;
