@@ -41,8 +41,8 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -435,11 +435,11 @@ void gemm_w4(ActQuant act_kind, const void* act, const float* act_scales, const 
   p.out_dtype = static_cast<int>(out_dtype);
   auto s = static_cast<cudaStream_t>(stream);
   const KernelChoice choice = kernel_choice();
-  const bool sm90 = choice != KernelChoice::kMmaSync && gemm_w4_sm90_available();
   if (act_kind == ActQuant::FP8_TOKEN) {
-    // fp8 tokens only exist on the wgmma path (e4m3 tensor cores); the ops layer checks availability.
-    check(sm90, "fp8 tokens need the sm_90a wgmma kernel (a Hopper GPU and a build with LOWBIT_CUDA_ARCHS "
-                "containing 90a)");
+    // fp8 tokens only exist on the wgmma path (e4m3 tensor cores), whatever LOWBIT_GEMM_W4_KERNEL says;
+    // the ops layer checks availability before it picks this backend.
+    check(gemm_w4_sm90_available(), "fp8 tokens need the sm_90a wgmma kernel (a Hopper GPU and a build with "
+                                    "LOWBIT_CUDA_ARCHS containing 90a)");
     gemm_w4_sm90(act_kind, p, s);
     return;
   }
@@ -447,7 +447,7 @@ void gemm_w4(ActQuant act_kind, const void* act, const float* act_scales, const 
   // parts on both) but measured slower for int4 tokens on the H100 (its producer warps widen every token
   // to e4m3 and the promotion is FMUL + FFMA: issue-bound; docs/kernels.md). LOWBIT_GEMM_W4_KERNEL=wgmma
   // selects it.
-  if (act_kind == ActQuant::INT4_G64 && sm90 && choice == KernelChoice::kWgmma) {
+  if (act_kind == ActQuant::INT4_G64 && choice == KernelChoice::kWgmma && gemm_w4_sm90_available()) {
     gemm_w4_sm90(act_kind, p, s);
     return;
   }

@@ -1,7 +1,7 @@
 // Warp-specialized W4A4 / W4A8(fp8 tokens) GEMM for Hopper (sm_90a) on the fp8 wgmma tensor cores, with
 // the SVDQuant epilogue. Same contract as gemm_w4.cu (docs/formats.md):
 //   out[m, n] = sum_g P_g[m, n] * act_scale * w_scales[n, g] + lora_act[m] . lora_up[n] + bias[n].
-// Design and measured rates: docs/kernels.md ("CUDA W4A4 / W4A8 GEMM", "wgmma kernel").
+// Design, measured rates and what limits them: docs/kernels.md ("CUDA wgmma W4 GEMM").
 //
 // Why fp8 e4m3 operands: every int4 value is exact in e4m3, the tensor cores accumulate in fp32, and
 // wgmma's scale-d = 0 starts each 64-group's partial sum from zero for free, so the promotion of a group
@@ -16,15 +16,16 @@
 //     nibbles into 4 e4m3 bytes with byte permutes (int4x8_to_e4m3): that IS the A fragment order.
 //
 // CTA = 3 warpgroups, 128 weight rows x kTok tokens:
-//   warpgroup 0 (producer, 80 registers): thread p copies weight row p and token row p of each K stage
-//     (128 k = two groups) with cp.async into a kStages ring; for W4A4 it then widens its own token row
-//     (int4 -> e4m3, 128 bytes) into the 128-byte-swizzled B tile. It waits for its own copies only
-//     (cp.async.wait_group), so no barrier is needed inside the producer; it publishes a stage with
-//     fence.proxy.async + mbarrier arrive (full[s]) and waits on empty[s] before reusing a slot.
-//   warpgroups 1-2 (consumers, 208 registers): 64 weight rows each, all kTok tokens. Per group: build the A
-//     fragments, two wgmma k32 steps (scale-d 0 then 1), wait, promote into the fp32 totals. The two
-//     consumer warpgroups are not in lockstep (no CTA barrier in the main loop), so one promotes while
-//     the other's wgmma runs.
+//   warpgroup 0 (producer, 80 registers): coalesced cp.async of each K stage (128 k = two groups; 4
+//     threads per 64-byte packed row, 8 per 128-byte fp8 row) into a kStages ring, kLookahead stages
+//     ahead; for W4A4 each thread then widens the int4 token chunks it copied (-> e4m3) into the
+//     128-byte-swizzled B tile. It waits for its own copies only (cp.async.wait_group), so no barrier is
+//     needed inside the producer; it publishes a stage with fence.proxy.async + mbarrier arrive (full[s])
+//     and waits on empty[s] before reusing a slot.
+//   warpgroups 1-2 (consumers, 208 registers): 64 weight rows each, all kTok tokens. Per group: two wgmma
+//     k32 steps (scale-d 0 then 1), the next group's A fragments built while they run, wait, promote into
+//     the fp32 totals. The two consumer warpgroups are not in lockstep (no CTA barrier in the main loop),
+//     so one promotes while the other's wgmma runs.
 // Epilogue (per consumer thread, in registers): W4A8 token scale, the low-rank branch on the tf32 tensor
 // cores (mma.sync m16n8k8, lora_act split hi/lo as in gemm_w4.cu), bias, store.
 #include <cuda_bf16.h>
@@ -433,11 +434,20 @@ void launch(const GemmW4Problem& p, cudaStream_t stream) {
 
 bool gemm_w4_sm90_available() {
 #ifdef LOWBIT_HAVE_SM90A
-  int device = 0, major = 0, minor = 0;
+  // Per device, answered once (this is asked on every GEMM call): bit 2d set = known, bit 2d+1 = Hopper.
+  static std::atomic<uint64_t> known{0};
+  int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < 32) {
+    const uint64_t bits = known.load(std::memory_order_relaxed) >> (2 * device);
+    if (bits & 1) return (bits & 2) != 0;
+  }
+  int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
   if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
-  return major == 9 && minor == 0;
+  const bool hopper = major == 9 && minor == 0;
+  if (device < 32) known.fetch_or(uint64_t(hopper ? 3 : 1) << (2 * device), std::memory_order_relaxed);
+  return hopper;
 #else
   return false;
 #endif
