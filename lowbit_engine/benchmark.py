@@ -224,11 +224,15 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     if on_gpu and pre is not None:
         # The W4A4 GEMM on the wgmma kernel (the dispatch default is the mma.sync one): kernel comparison.
         def w4a4_wgmma(i):
+            before = os.environ.get("LOWBIT_GEMM_W4_KERNEL")
             os.environ["LOWBIT_GEMM_W4_KERNEL"] = "wgmma"
             try:
                 return torch.ops.lowbit.gemm_w4a4(*w4a4_args(i))
-            finally:
-                os.environ.pop("LOWBIT_GEMM_W4_KERNEL", None)
+            finally:  # leave the caller's setting as it was
+                if before is None:
+                    os.environ.pop("LOWBIT_GEMM_W4_KERNEL", None)
+                else:
+                    os.environ["LOWBIT_GEMM_W4_KERNEL"] = before
 
         cases.append(Case("gemm_w4a4_r32_wgmma", flops,
                           M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b, w4a4_wgmma, "gemm_w4a4"))
