@@ -223,19 +223,16 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
 
     if on_gpu and pre is not None:
         # The W4A4 GEMM on the wgmma kernel (the dispatch default is the mma.sync one): kernel comparison.
-        def w4a4_wgmma(i):
-            before = os.environ.get("LOWBIT_GEMM_W4_KERNEL")
-            os.environ["LOWBIT_GEMM_W4_KERNEL"] = "wgmma"
-            try:
-                return torch.ops.lowbit.gemm_w4a4(*w4a4_args(i))
-            finally:  # leave the caller's setting as it was
-                if before is None:
-                    os.environ.pop("LOWBIT_GEMM_W4_KERNEL", None)
-                else:
-                    os.environ["LOWBIT_GEMM_W4_KERNEL"] = before
-
-        cases.append(Case("gemm_w4a4_r32_wgmma", flops,
-                          M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b, w4a4_wgmma, "gemm_w4a4"))
+        w4a4_bytes = M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b
+        cases.append(Case("gemm_w4a4_r32_wgmma", flops, w4a4_bytes, _with_env(
+            lambda i: torch.ops.lowbit.gemm_w4a4(*w4a4_args(i)), LOWBIT_GEMM_W4_KERNEL="wgmma"), "gemm_w4a4"))
+        # The same with the split consumer schedule (docs/kernels.md): not the default until measured faster.
+        cases.append(Case("gemm_w4a4_r32_wgmma_split", flops, w4a4_bytes, _with_env(
+            lambda i: torch.ops.lowbit.gemm_w4a4(*w4a4_args(i)), LOWBIT_GEMM_W4_KERNEL="wgmma",
+            LOWBIT_GEMM_W4_SM90_SCHEDULE="split"), "gemm_w4a4"))
+    if on_gpu and pre_f is not None:
+        cases.append(Case("gemm_w4a8fp8_r32_split", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b, _with_env(
+            lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8f_args(i)), LOWBIT_GEMM_W4_SM90_SCHEDULE="split"), "gemm_w4a8"))
 
     def svdq_linear(i, mode):
         d = sets[i]
@@ -269,6 +266,25 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     float_case("nvfp4_linear_bf16_weight_only", "fp4_linear", 0.5 + 1 / 16,
                lambda lin: FP4Linear.from_linear(lin, fmt="nvfp4", act="bf16"))
     return cases
+
+
+def _with_env(fn: Callable[[int], Any], **env: str) -> Callable[[int], Any]:
+    """``fn`` run with environment variables set for the call (the kernel choices the CUDA ops read per
+    call), leaving the caller's values as they were."""
+
+    def run(i: int) -> Any:
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn(i)
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return run
 
 
 def _runs_natively(op: str, args: tuple | None) -> bool:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile every CUDA source for sm_90a and sm_80 (compile only: nothing runs here), so CUDA that does
-# not compile never lands. Prints the ptxas resource report; fails on any error or on register spills.
+# not compile never lands. Prints the ptxas resource report; fails on any error, on register spills and on
+# ptxas serializing wgmmas or ignoring setmaxnreg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvcc >/dev/null; then echo "cuda_compile_check: no nvcc on this machine, skipped"; exit 0; fi
@@ -17,6 +18,11 @@ for src in csrc/cuda/*.cu; do
     echo "ok: $src sm_$arch: $(grep -E 'Used [0-9]+ registers' "$log" | sed 's/.*ptxas info *: //' | sort -u | tr '\n' ';')"
     if grep -E 'bytes spill (stores|loads)' "$log" | grep -vqE ' 0 bytes spill stores, 0 bytes spill loads'; then
       echo "SPILLS in $src for sm_$arch:"; grep -E 'spill' "$log"; status=1
+    fi
+    # ptxas serializing wgmmas (C7514/C7515: an accumulator touched in flight) or ignoring setmaxnreg
+    # (C7508) compiles to a correct but much slower kernel: treat it like a spill.
+    if grep -qE 'C751[45]|C7508' "$log"; then
+      echo "WGMMA/SETMAXNREG DEGRADED in $src for sm_$arch:"; grep -E 'C75[0-9][0-9]' "$log"; status=1
     fi
   done
 done

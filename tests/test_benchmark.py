@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -59,3 +60,25 @@ def test_cli_info_and_demo(capsys):
     text = capsys.readouterr().out
     assert "tiny FLUX pipeline" in text and "quantized svdq-int4: 28 layers" in text
     assert "fidelity vs bf16: relative L2" in text and "quantize_act=cpu" in text and "gemm_w4a4=cpu" in text
+
+
+def test_with_env_sets_variables_for_the_call_and_restores_them(monkeypatch):
+    from lowbit_engine.benchmark import _with_env
+
+    monkeypatch.setenv("LOWBIT_GEMM_W4_KERNEL", "mma")
+    monkeypatch.delenv("LOWBIT_GEMM_W4_SM90_SCHEDULE", raising=False)
+    seen = {}
+
+    def fn(i):
+        seen[i] = (os.environ.get("LOWBIT_GEMM_W4_KERNEL"), os.environ.get("LOWBIT_GEMM_W4_SM90_SCHEDULE"))
+        if i == 1:
+            raise RuntimeError("kernel failed")
+        return i
+
+    wrapped = _with_env(fn, LOWBIT_GEMM_W4_KERNEL="wgmma", LOWBIT_GEMM_W4_SM90_SCHEDULE="split")
+    assert wrapped(0) == 0 and seen[0] == ("wgmma", "split")
+    with pytest.raises(RuntimeError):
+        wrapped(1)
+    assert seen[1] == ("wgmma", "split")
+    assert os.environ["LOWBIT_GEMM_W4_KERNEL"] == "mma"  # the caller's value is back
+    assert "LOWBIT_GEMM_W4_SM90_SCHEDULE" not in os.environ  # and an unset one stays unset

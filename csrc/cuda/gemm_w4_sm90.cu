@@ -34,8 +34,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "lowbit/epilogue.cuh"
 #include "lowbit/gemm_w4_sm90.h"
@@ -109,12 +111,15 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[kTok / 2], const uint32_t 
 #endif
 }
 
-template <bool kFp8, int kTok>
+template <bool kFp8, int kTok, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4Problem p) {
+  static_assert(!kSplit || kTok == 128, "the split schedule halves a 128-token tile");
 #ifdef LOWBIT_SM90A_DEVICE
   using S = Smem<kFp8, kTok>;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Align by adding an offset to the shared array itself: a pointer rebuilt from an integer loses its state
+  // space and every access through it becomes a generic LD/ST (long scoreboard) instead of LDS/STS.
+  uint8_t* smem = smem_raw + ((1024u - (sm90::smem_addr(smem_raw) & 1023u)) & 1023u);
   uint8_t* raw_tokens = smem + kStages * S::kStage;
   uint64_t* full = reinterpret_cast<uint64_t*>(raw_tokens + S::kRaw);
   uint64_t* empty = full + kStages;
@@ -297,7 +302,103 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       if ((G & 1) == 0) sm90::mbar_arrive(&empty[((G - 1) >> 1) % kStages]);
 #pragma unroll
       for (int i = 0; i < kTok / 2; ++i) total[i] = acc[i] * s_next0;
-    } else
+    } else if constexpr (kSplit) {
+      // Split schedule: the 128 tokens are two 64-token halves with their own accumulators, issued as two
+      // wgmma commit groups per 64-group. While one half is promoted the other half (or the next group's
+      // first half) is on the tensor cores, so the tensor cores always have queued work and the promotion
+      // overlaps this warpgroup's own MMAs instead of waiting for them. Same registers as the group
+      // schedule (2 x 32 accumulators instead of 64), twice the wgmma instructions (m64n64k32).
+      float acc_h[2][kTok / 4];
+      constexpr std::integral_constant<int, 0> kLo{};
+      constexpr std::integral_constant<int, 1> kHi{};
+      // `half` is std::integral_constant<int, 0 or 1>: register arrays are indexed by constants only.
+      auto issue_half = [&](int grp, auto half_c, const uint32_t (&a)[2][4]) {
+        constexpr int half = decltype(half_c)::value;
+        const uint32_t b_addr =
+            sm90::smem_addr(smem + ((grp >> 1) % kStages) * S::kStage) + 64 * (grp & 1) + half * (kTok / 2) * 128;
+#pragma unroll
+        for (int i = 0; i < kTok / 4; ++i) sm90::fence_operand(acc_h[half][i]);
+        sm90::wgmma_fence();
+        sm90::wgmma_e4m3_m64n64k32_rs(acc_h[half], a[0], sm90::desc_kmajor_sw128(b_addr), 0);
+        sm90::wgmma_e4m3_m64n64k32_rs(acc_h[half], a[1], sm90::desc_kmajor_sw128(b_addr + 32), 1);
+        sm90::wgmma_commit();
+      };
+      // Half element 4j + i is token 64 half + 8j + 2t + (i & 1): total element 32 half + 4j + i.
+      auto promote_half = [&](int grp, auto half_c, float s0, float s1) {
+        constexpr int half = decltype(half_c)::value;
+#pragma unroll
+        for (int i = 0; i < kTok / 4; ++i) sm90::fence_operand(acc_h[half][i]);
+        float* tot = total + half * (kTok / 4);
+        if constexpr (kFp8) {
+#pragma unroll
+          for (int j = 0; j < kTok / 16; ++j) {
+            tot[4 * j + 0] = fmaf(acc_h[half][4 * j + 0], s0, tot[4 * j + 0]);
+            tot[4 * j + 1] = fmaf(acc_h[half][4 * j + 1], s0, tot[4 * j + 1]);
+            tot[4 * j + 2] = fmaf(acc_h[half][4 * j + 2], s1, tot[4 * j + 2]);
+            tot[4 * j + 3] = fmaf(acc_h[half][4 * j + 3], s1, tot[4 * j + 3]);
+          }
+        } else {
+          const float* sa = reinterpret_cast<const float*>(smem + ((grp >> 1) % kStages) * S::kStage + S::kB + S::kW) +
+                            (grp & 1) * kTok + half * (kTok / 2) + 2 * t;
+#pragma unroll
+          for (int j = 0; j < kTok / 16; ++j) {
+            const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
+            tot[4 * j + 0] = fmaf(acc_h[half][4 * j + 0], s0 * ts.x, tot[4 * j + 0]);
+            tot[4 * j + 1] = fmaf(acc_h[half][4 * j + 1], s0 * ts.y, tot[4 * j + 1]);
+            tot[4 * j + 2] = fmaf(acc_h[half][4 * j + 2], s1 * ts.x, tot[4 * j + 2]);
+            tot[4 * j + 3] = fmaf(acc_h[half][4 * j + 3], s1 * ts.y, tot[4 * j + 3]);
+          }
+        }
+      };
+      // Entry to a step for group grp: both halves of grp are in flight with fragments a; b is free. The two
+      // fragment sets alternate by parity (never copied: an in-flight wgmma may still read the set it was
+      // issued with). The last group is peeled so that every path issues and waits in straight-line code:
+      // ptxas serializes all wgmmas of a kernel when it cannot prove an accumulator untouched in flight.
+      float s_cur0 = s_next0, s_cur1 = s_next1;
+      auto step = [&](int grp, uint32_t (&a)[2][4], uint32_t (&b)[2][4]) {  // grp + 1 < G
+        const int s = grp >> 1, h = grp & 1;
+        const float c0 = s_cur0, c1 = s_cur1;
+        s_cur0 = bf16_bits_to_float(__ldg(sw_r0 + grp + 1));
+        s_cur1 = bf16_bits_to_float(__ldg(sw_r1 + grp + 1));
+        if (h == 1) sm90::mbar_wait(&full[(s + 1) % kStages], ((s + 1) / kStages) & 1);
+        build(grp + 1, b);
+        sm90::wgmma_wait<1>();  // first half of grp done (the second may still run)
+        promote_half(grp, kLo, c0, c1);
+        issue_half(grp + 1, kLo, b);
+        sm90::wgmma_wait<1>();  // second half of grp done; grp + 1's first half queued behind it
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sm90::fence_operand(a[k][i]);  // a stays untouched until here
+        promote_half(grp, kHi, c0, c1);
+        if (h == 1) sm90::mbar_arrive(&empty[s % kStages]);  // this stage is no longer read
+        issue_half(grp + 1, kHi, b);
+      };
+      auto last = [&](uint32_t (&a)[2][4]) {  // group G - 1
+        sm90::wgmma_wait<1>();
+        promote_half(G - 1, kLo, s_cur0, s_cur1);
+        sm90::wgmma_wait<0>();
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sm90::fence_operand(a[k][i]);
+        promote_half(G - 1, kHi, s_cur0, s_cur1);
+        sm90::mbar_arrive(&empty[((G - 1) >> 1) % kStages]);
+      };
+      issue_half(0, kLo, a_cur);  // the fragments of group 0 were built above
+      issue_half(0, kHi, a_cur);
+      int grp = 0;
+      for (; grp + 2 < G; grp += 2) {
+        step(grp, a_cur, a_nxt);
+        step(grp + 1, a_nxt, a_cur);
+      }
+      if (grp + 2 == G) {
+        step(grp, a_cur, a_nxt);
+        last(a_nxt);
+      } else {
+        last(a_cur);
+      }
+    } else {
     for (int grp = 0; grp < G; ++grp) {
       const int s = grp >> 1, h = grp & 1, slot = s % kStages;
       const uint8_t* st = smem + slot * S::kStage;
@@ -357,6 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
 #pragma unroll
         for (int i = 0; i < 4; ++i) a_cur[k][i] = a_nxt[k][i];
     }
+    }  // group schedule
 
     // ---- epilogue: element 4j + i is weight row r0 + 8 (i >> 1), token 8j + 2t + (i & 1) ---------------
     if constexpr (kFp8) {
@@ -412,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
 #endif
 }
 
-template <bool kFp8, int kTok>
+template <bool kFp8, int kTok, bool kSplit>
 void launch(const GemmW4Problem& p, cudaStream_t stream) {
   constexpr int smem = Smem<kFp8, kTok>::kTotal;
   static std::atomic<uint64_t> opted_in{0};
@@ -420,14 +522,23 @@ void launch(const GemmW4Problem& p, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&device);
   const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
   if (err == cudaSuccess && (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit))) {
-    err = cudaFuncSetAttribute(gemm_w4_sm90_kernel<kFp8, kTok>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = cudaFuncSetAttribute(gemm_w4_sm90_kernel<kFp8, kTok, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err == cudaSuccess) opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm (sm90): ") + cudaGetErrorString(err));
   const dim3 grid((p.M + kTok - 1) / kTok, (p.N + kRowsPerCta - 1) / kRowsPerCta);
-  gemm_w4_sm90_kernel<kFp8, kTok><<<grid, kThreads, smem, stream>>>(p);
+  gemm_w4_sm90_kernel<kFp8, kTok, kSplit><<<grid, kThreads, smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm (sm90) launch: ") + cudaGetErrorString(err));
+}
+
+// LOWBIT_GEMM_W4_SM90_SCHEDULE = group (default) | split: the consumer schedule of the 128-token tiles (see
+// the kernel). Read on every call so tests and benchmarks can run both in one process.
+bool split_schedule() {
+  const char* v = std::getenv("LOWBIT_GEMM_W4_SM90_SCHEDULE");
+  if (v == nullptr || v[0] == '\0' || std::string(v) == "group") return false;
+  if (std::string(v) == "split") return true;
+  throw std::invalid_argument(std::string("LOWBIT_GEMM_W4_SM90_SCHEDULE must be group or split, got ") + v);
 }
 
 }  // namespace
@@ -457,10 +568,13 @@ void gemm_w4_sm90(ActQuant act, const GemmW4Problem& p, cudaStream_t stream) {
   if (act == ActQuant::INT8_TOKEN) throw std::invalid_argument("lowbit gemm (sm90): int8 tokens are not handled here");
   const bool fp8 = act == ActQuant::FP8_TOKEN;
   // Few tokens: 32-token tiles spread the weight stream over 4x more CTAs.
+  const bool split = split_schedule();  // asked (and checked) on every call, also where it does not apply
   if (p.M <= 256) {
-    fp8 ? launch<true, 32>(p, stream) : launch<false, 32>(p, stream);
+    fp8 ? launch<true, 32, false>(p, stream) : launch<false, 32, false>(p, stream);
+  } else if (split) {
+    fp8 ? launch<true, 128, true>(p, stream) : launch<false, 128, true>(p, stream);
   } else {
-    fp8 ? launch<true, 128>(p, stream) : launch<false, 128>(p, stream);
+    fp8 ? launch<true, 128, false>(p, stream) : launch<false, 128, false>(p, stream);
   }
 }
 

@@ -1,6 +1,7 @@
 """The CUDA W4A4 / W4A8 GEMMs (csrc/cuda/gemm_w4.cu: mma.sync; csrc/cuda/gemm_w4_sm90.cu: wgmma) against
 the references. Every W4A4 case runs on both kernels (LOWBIT_GEMM_W4_KERNEL=mma / wgmma; wgmma only on a
-Hopper GPU); W4A8 runs int8 tokens (mma.sync) and fp8 e4m3 tokens (wgmma).
+Hopper GPU); W4A8 runs int8 tokens (mma.sync) and fp8 e4m3 tokens (wgmma). The wgmma cases run with both
+consumer schedules of its 128-token tiles (LOWBIT_GEMM_W4_SM90_SCHEDULE=group / split; M > 256).
 
 * Integer parts: with unit scales and no epilogue the fp32 output is an exact integer sum, compared
   exactly with an int64 matmul of the unpacked values.
@@ -25,7 +26,8 @@ BF = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 
 # (format, activation encoding, kernel): the combinations the dispatch can run.
-CASES = [("w4a4", "int4", "mma"), ("w4a4", "int4", "wgmma"), ("w4a8", "int8", "mma"), ("w4a8", "fp8", "wgmma")]
+CASES = [("w4a4", "int4", "mma"), ("w4a4", "int4", "wgmma"), ("w4a4", "int4", "wgmma-split"),
+         ("w4a8", "int8", "mma"), ("w4a8", "fp8", "wgmma"), ("w4a8", "fp8", "wgmma-split")]
 CASE_IDS = ["-".join(c) for c in CASES]
 
 
@@ -39,9 +41,10 @@ def _wgmma_supported() -> bool:
 @pytest.fixture(params=CASES, ids=CASE_IDS)
 def case(request, monkeypatch):
     fmt, enc, kernel = request.param
-    if kernel == "wgmma" and not _wgmma_supported():
+    if kernel.startswith("wgmma") and not _wgmma_supported():
         pytest.skip("the wgmma kernel needs a Hopper GPU and an sm_90a build")
-    monkeypatch.setenv("LOWBIT_GEMM_W4_KERNEL", kernel)
+    monkeypatch.setenv("LOWBIT_GEMM_W4_KERNEL", kernel.split("-")[0])
+    monkeypatch.setenv("LOWBIT_GEMM_W4_SM90_SCHEDULE", "split" if kernel.endswith("split") else "group")
     return fmt, enc
 
 
@@ -84,7 +87,7 @@ def _gemm(mode: str):
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 128, 128), (17, 136, 192), (111, 73, 320), (4608, 256, 3072),
-                                   (300, 384, 15360), (257, 1000, 448)])
+                                   (300, 384, 15360), (257, 1000, 448), (300, 128, 64), (260, 128, 128)])
 def test_integer_part_is_exact(case, M, N, K):
     mode, enc = case
     g = _gen(M * 7 + K)
@@ -198,3 +201,15 @@ def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LOWBIT_GEMM_W4_KERNEL", "fastest")
     with pytest.raises(ValueError, match="LOWBIT_GEMM_W4_KERNEL must be auto, wgmma or mma, got fastest"):
         ops.gemm_w4a4(act.cuda(), sa.cuda(), w.cuda(), sw.cuda())
+
+
+def test_unknown_sm90_schedule_is_a_clear_error(monkeypatch):
+    if not _wgmma_supported():
+        pytest.skip("the wgmma kernel needs a Hopper GPU and an sm_90a build")
+    g = _gen(5)
+    M, N, K = 8, 128, 128
+    w, sw = _weights(N, K, g)
+    act, sa = _acts("fp8", M, K, g)
+    monkeypatch.setenv("LOWBIT_GEMM_W4_SM90_SCHEDULE", "pingpong")
+    with pytest.raises(ValueError, match="LOWBIT_GEMM_W4_SM90_SCHEDULE must be group or split, got pingpong"):
+        ops.gemm_w4a8(act.cuda(), sa.cuda(), w.cuda(), sw.cuda())

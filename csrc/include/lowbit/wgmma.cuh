@@ -106,6 +106,24 @@ __device__ __forceinline__ void wgmma_e4m3_m64n128k32_rs(float (&d)[64], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
 }
 
+// D (+)= A . B^T for a 64 x 64 x 32 tile on the fp8 tensor cores (wgmma, sm_90a: QGMMA.64x64x32 in SASS),
+// e4m3 x e4m3 -> fp32; the same conventions as the 64 x 128 one above (B: 64 rows x 32 k). Used for the
+// two token halves of the split schedule (gemm_w4_sm90.cu), each with its own accumulator.
+__device__ __forceinline__ void wgmma_e4m3_m64n64k32_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b_desc,
+                                                     int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+}
+
 // D (+)= A . B^T for a 64 x 32 x 32 tile on the fp8 tensor cores (wgmma, sm_90a: QGMMA.64x32x32 in SASS),
 // e4m3 x e4m3 -> fp32. A (64 x 32) comes from registers in the mma.m16n8k32 A layout per warp (warp w of
 // the warpgroup holds rows 16w..16w+15); B (32 rows x 32 k, K-major) is read from shared memory through
