@@ -245,13 +245,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
 
     // A fragments of group grp (stage grp / 2, half grp % 2) for both k32 steps: rows r0 (a[.][0], a[.][2])
     // and r0 + 8 (a[.][1], a[.][3]).
-    auto build = [&](int grp, uint32_t (&a)[2][4]) {
-      if constexpr ((kAblate & kAblateBuild) != 0) {
-        a[0][0] = a[0][1] = a[0][2] = a[0][3] = a[1][0] = a[1][1] = a[1][2] = a[1][3] = 0x38383838u + grp;
-        return;
-      }
-      const uint8_t* wt = smem + ((grp >> 1) % kStages) * S::kStage + S::kB;
-      const int h = grp & 1;
+    // build_at: from the packed weight tile `wt` of a stage and its half h (the group's position in it).
+    auto build_at = [&](const uint8_t* wt, int h, uint32_t (&a)[2][4]) {
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         const int r = r0 + 8 * rr;
@@ -265,6 +260,13 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
         int4x8_to_e4m3(prmt(x[0], x[1], half_sel), a[0][rr], a[0][rr + 2]);
         int4x8_to_e4m3(prmt(x[2], x[3], half_sel), a[1][rr], a[1][rr + 2]);
       }
+    };
+    auto build = [&](int grp, uint32_t (&a)[2][4]) {
+      if constexpr ((kAblate & kAblateBuild) != 0) {
+        a[0][0] = a[0][1] = a[0][2] = a[0][3] = a[1][0] = a[1][1] = a[1][2] = a[1][3] = 0x38383838u + grp;
+        return;
+      }
+      build_at(smem + ((grp >> 1) % kStages) * S::kStage + S::kB, grp & 1, a);
     };
 
     // Software pipeline over the groups: the fragments of group grp + 1 are built (and its stage waited
@@ -308,23 +310,28 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       // first half) is on the tensor cores, so the tensor cores always have queued work and the promotion
       // overlaps this warpgroup's own MMAs instead of waiting for them. Same registers as the group
       // schedule (2 x 32 accumulators instead of 64), twice the wgmma instructions (m64n64k32).
+      //
+      // The loop runs one stage (two groups) per iteration, so a group's half h in its stage is a
+      // compile-time constant, and the ring slot and barrier phase advance by increment: the per-group
+      // address work of the group schedule (slot = stage % 6, descriptors, offsets) mostly folds away.
       float acc_h[2][kTok / 4];
-      constexpr std::integral_constant<int, 0> kLo{};
-      constexpr std::integral_constant<int, 1> kHi{};
-      // `half` is std::integral_constant<int, 0 or 1>: register arrays are indexed by constants only.
-      auto issue_half = [&](int grp, auto half_c, const uint32_t (&a)[2][4]) {
-        constexpr int half = decltype(half_c)::value;
-        const uint32_t b_addr =
-            sm90::smem_addr(smem + ((grp >> 1) % kStages) * S::kStage) + 64 * (grp & 1) + half * (kTok / 2) * 128;
+      constexpr std::integral_constant<int, 0> k0{};
+      constexpr std::integral_constant<int, 1> k1{};
+      const uint64_t desc0 = sm90::desc_kmajor_sw128(sm90::smem_addr(smem));
+      // `half`, `h` are std::integral_constant<int, 0 or 1>: register arrays are indexed by constants only.
+      auto issue_half = [&](int slot, auto h_c, auto half_c, const uint32_t (&a)[2][4]) {
+        constexpr int h = decltype(h_c)::value, half = decltype(half_c)::value;
+        // Descriptor addresses are in 16-byte units: + (slot base + k offset of the group + token half).
+        const uint64_t d = desc0 + uint32_t((slot * S::kStage + 64 * h + half * (kTok / 2) * 128) >> 4);
 #pragma unroll
         for (int i = 0; i < kTok / 4; ++i) sm90::fence_operand(acc_h[half][i]);
         sm90::wgmma_fence();
-        sm90::wgmma_e4m3_m64n64k32_rs(acc_h[half], a[0], sm90::desc_kmajor_sw128(b_addr), 0);
-        sm90::wgmma_e4m3_m64n64k32_rs(acc_h[half], a[1], sm90::desc_kmajor_sw128(b_addr + 32), 1);
+        sm90::wgmma_e4m3_m64n64k32_rs(acc_h[half], a[0], d, 0);
+        sm90::wgmma_e4m3_m64n64k32_rs(acc_h[half], a[1], d + 2, 1);  // + 32 bytes: the second k32 step
         sm90::wgmma_commit();
       };
       // Half element 4j + i is token 64 half + 8j + 2t + (i & 1): total element 32 half + 4j + i.
-      auto promote_half = [&](int grp, auto half_c, float s0, float s1) {
+      auto promote_half = [&](int slot, auto h_c, auto half_c, float s0, float s1) {
         constexpr int half = decltype(half_c)::value;
 #pragma unroll
         for (int i = 0; i < kTok / 4; ++i) sm90::fence_operand(acc_h[half][i]);
@@ -338,8 +345,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
             tot[4 * j + 3] = fmaf(acc_h[half][4 * j + 3], s1, tot[4 * j + 3]);
           }
         } else {
-          const float* sa = reinterpret_cast<const float*>(smem + ((grp >> 1) % kStages) * S::kStage + S::kB + S::kW) +
-                            (grp & 1) * kTok + half * (kTok / 2) + 2 * t;
+          constexpr int h = decltype(h_c)::value;
+          const float* sa = reinterpret_cast<const float*>(smem + slot * S::kStage + S::kB + S::kW) + h * kTok +
+                            half * (kTok / 2) + 2 * t;
 #pragma unroll
           for (int j = 0; j < kTok / 16; ++j) {
             const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
@@ -350,53 +358,69 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
           }
         }
       };
-      // Entry to a step for group grp: both halves of grp are in flight with fragments a; b is free. The two
-      // fragment sets alternate by parity (never copied: an in-flight wgmma may still read the set it was
-      // issued with). The last group is peeled so that every path issues and waits in straight-line code:
-      // ptxas serializes all wgmmas of a kernel when it cannot prove an accumulator untouched in flight.
-      float s_cur0 = s_next0, s_cur1 = s_next1;
-      auto step = [&](int grp, uint32_t (&a)[2][4], uint32_t (&b)[2][4]) {  // grp + 1 < G
-        const int s = grp >> 1, h = grp & 1;
-        const float c0 = s_cur0, c1 = s_cur1;
-        s_cur0 = bf16_bits_to_float(__ldg(sw_r0 + grp + 1));
-        s_cur1 = bf16_bits_to_float(__ldg(sw_r1 + grp + 1));
-        if (h == 1) sm90::mbar_wait(&full[(s + 1) % kStages], ((s + 1) / kStages) & 1);
-        build(grp + 1, b);
-        sm90::wgmma_wait<1>();  // first half of grp done (the second may still run)
-        promote_half(grp, kLo, c0, c1);
-        issue_half(grp + 1, kLo, b);
-        sm90::wgmma_wait<1>();  // second half of grp done; grp + 1's first half queued behind it
+      auto fence_fragments = [&](uint32_t (&a)[2][4]) {
 #pragma unroll
         for (int k = 0; k < 2; ++k)
 #pragma unroll
           for (int i = 0; i < 4; ++i) sm90::fence_operand(a[k][i]);  // a stays untouched until here
-        promote_half(grp, kHi, c0, c1);
-        if (h == 1) sm90::mbar_arrive(&empty[s % kStages]);  // this stage is no longer read
-        issue_half(grp + 1, kHi, b);
       };
-      auto last = [&](uint32_t (&a)[2][4]) {  // group G - 1
+      // Entry to a step for group grp (half h of the stage in `slot`): both halves of grp are in flight with
+      // fragments a; b is free. The fragment sets alternate by parity (never copied: an in-flight wgmma may
+      // still read the set it was issued with). The last group is peeled so that every path issues and
+      // waits in straight-line code: ptxas serializes all wgmmas of a kernel when it cannot prove an
+      // accumulator untouched in flight (C7514/C7515, which the compile check rejects).
+      const uint16_t* sw0 = sw_r0 + 1;  // scales of the next group
+      const uint16_t* sw1 = sw_r1 + 1;
+      float c0 = s_next0, c1 = s_next1;  // scales of the current group
+      int slot = 0;
+      uint32_t next_phase = 0;  // parity of the next stage's full barrier
+      auto step = [&](auto h_c, uint32_t (&a)[2][4], uint32_t (&b)[2][4]) {  // a group that is not the last
+        constexpr int h = decltype(h_c)::value;
+        const float n0 = bf16_bits_to_float(__ldg(sw0++)), n1 = bf16_bits_to_float(__ldg(sw1++));
+        int nslot = slot;  // the next group's stage
+        if constexpr (h == 1) {
+          nslot = slot + 1 == kStages ? 0 : slot + 1;
+          next_phase ^= nslot == 0 ? 1u : 0u;
+          sm90::mbar_wait(&full[nslot], next_phase);
+        }
+        if constexpr ((kAblate & kAblateBuild) == 0) {
+          build_at(smem + nslot * S::kStage + S::kB, 1 - h, b);
+        } else {
+          build(0, b);
+        }
+        sm90::wgmma_wait<1>();  // first half of this group done (the second may still run)
+        promote_half(slot, h_c, k0, c0, c1);
+        issue_half(nslot, std::integral_constant<int, 1 - h>{}, k0, b);
+        sm90::wgmma_wait<1>();  // second half done; the next group's first half queued behind it
+        fence_fragments(a);
+        promote_half(slot, h_c, k1, c0, c1);
+        if constexpr (h == 1) sm90::mbar_arrive(&empty[slot]);  // this stage is no longer read
+        issue_half(nslot, std::integral_constant<int, 1 - h>{}, k1, b);
+        c0 = n0;
+        c1 = n1;
+        slot = nslot;
+      };
+      auto last = [&](auto h_c, uint32_t (&a)[2][4]) {
         sm90::wgmma_wait<1>();
-        promote_half(G - 1, kLo, s_cur0, s_cur1);
+        promote_half(slot, h_c, k0, c0, c1);
         sm90::wgmma_wait<0>();
-#pragma unroll
-        for (int k = 0; k < 2; ++k)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) sm90::fence_operand(a[k][i]);
-        promote_half(G - 1, kHi, s_cur0, s_cur1);
-        sm90::mbar_arrive(&empty[((G - 1) >> 1) % kStages]);
+        fence_fragments(a);
+        promote_half(slot, h_c, k1, c0, c1);
+        sm90::mbar_arrive(&empty[slot]);
       };
-      issue_half(0, kLo, a_cur);  // the fragments of group 0 were built above
-      issue_half(0, kHi, a_cur);
+      // The prologue above waited for stage 0 and built group 0's fragments into a_cur.
+      issue_half(0, k0, k0, a_cur);
+      issue_half(0, k0, k1, a_cur);
       int grp = 0;
       for (; grp + 2 < G; grp += 2) {
-        step(grp, a_cur, a_nxt);
-        step(grp + 1, a_nxt, a_cur);
+        step(k0, a_cur, a_nxt);
+        step(k1, a_nxt, a_cur);
       }
       if (grp + 2 == G) {
-        step(grp, a_cur, a_nxt);
-        last(a_nxt);
+        step(k0, a_cur, a_nxt);
+        last(k1, a_nxt);
       } else {
-        last(a_cur);
+        last(k0, a_cur);
       }
     } else {
     for (int grp = 0; grp < G; ++grp) {
