@@ -3,6 +3,7 @@
 # and leave logs and JSON under $OUT (default ./out). Run from the repository root:
 #   bash bench/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
+#   GPU_CHECK_MICROBENCH=0 ...        # skip the sm90 schedule microbenchmark (on by default with 90a)
 #   GPU_CHECK_TESTS="tests/gpu/test_cuda_gemm.py" GPU_CHECK_BENCH_ARGS="--kernels cublas gemm_w4" bash bench/gpu_check.sh
 # The device tool copies the working tree with a stale .git: pass LOWBIT_COMMIT=<the commit you built>
 # in the device command so the JSON names the right commit.
@@ -55,6 +56,18 @@ if [ "${GPU_CHECK_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu tests/gpu \
     -k "not 4608 and not 15360" -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1
   log "compute-sanitizer rc=$? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer.log") clean summaries)"
+fi
+
+if [ "${GPU_CHECK_MICROBENCH:-1}" = 1 ] && [[ "$LOWBIT_CUDA_ARCHS" == *90a* ]]; then
+  # Both consumer schedules of the sm_90a GEMM, timed and compared element by element (docs/kernels.md).
+  log "sm90 GEMM schedules (bench/microbench/gemm_w4_sm90_ablation.cu)"
+  if nvcc -std=c++17 -O3 -Icsrc/include -DLOWBIT_HAVE_SM90A -DLOWBIT_SM90_ABLATE=0 \
+      -gencode=arch=compute_90a,code=sm_90a bench/microbench/gemm_w4_sm90_ablation.cu -o /tmp/lowbit_sm90_sched \
+      >"$OUT/microbench_build.log" 2>&1; then
+    /tmp/lowbit_sm90_sched 2>&1 | tee "$OUT/gemm_w4_sm90_schedules.txt" | tee -a "$OUT/summary.txt"
+  else
+    log "microbench build FAILED"; tail -20 "$OUT/microbench_build.log"
+  fi
 fi
 
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
