@@ -111,6 +111,29 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[kTok / 2], const uint32_t 
 #endif
 }
 
+// Promotion of one group's partial sums into the fp32 totals: element 4j + i of a consumer thread is weight
+// row r0 + 8 (i >> 1) and token 8j + 2t + (i & 1) of the accumulator's token range. W4A8: times the row's
+// group weight scale (s0, s1). W4A4: also times the token's group scale, read from the stage's token scales
+// `sa` (already offset to this thread's tokens 2t, 2t + 1 of the range).
+template <bool kFp8, int kN>
+__device__ __forceinline__ void promote(float* total, const float (&acc)[kN], float s0, float s1, const float* sa) {
+#pragma unroll
+  for (int j = 0; j < kN / 4; ++j) {
+    if constexpr (kFp8) {
+      total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
+      total[4 * j + 1] = fmaf(acc[4 * j + 1], s0, total[4 * j + 1]);
+      total[4 * j + 2] = fmaf(acc[4 * j + 2], s1, total[4 * j + 2]);
+      total[4 * j + 3] = fmaf(acc[4 * j + 3], s1, total[4 * j + 3]);
+    } else {
+      const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
+      total[4 * j + 0] = fmaf(acc[4 * j + 0], s0 * ts.x, total[4 * j + 0]);
+      total[4 * j + 1] = fmaf(acc[4 * j + 1], s0 * ts.y, total[4 * j + 1]);
+      total[4 * j + 2] = fmaf(acc[4 * j + 2], s1 * ts.x, total[4 * j + 2]);
+      total[4 * j + 3] = fmaf(acc[4 * j + 3], s1 * ts.y, total[4 * j + 3]);
+    }
+  }
+}
+
 template <bool kFp8, int kTok, bool kSplit>
 __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4Problem p) {
   static_assert(!kSplit || kTok == 128, "the split schedule halves a 128-token tile");
@@ -332,31 +355,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       };
       // Half element 4j + i is token 64 half + 8j + 2t + (i & 1): total element 32 half + 4j + i.
       auto promote_half = [&](int slot, auto h_c, auto half_c, float s0, float s1) {
-        constexpr int half = decltype(half_c)::value;
+        constexpr int h = decltype(h_c)::value, half = decltype(half_c)::value;
 #pragma unroll
         for (int i = 0; i < kTok / 4; ++i) sm90::fence_operand(acc_h[half][i]);
-        float* tot = total + half * (kTok / 4);
-        if constexpr (kFp8) {
-#pragma unroll
-          for (int j = 0; j < kTok / 16; ++j) {
-            tot[4 * j + 0] = fmaf(acc_h[half][4 * j + 0], s0, tot[4 * j + 0]);
-            tot[4 * j + 1] = fmaf(acc_h[half][4 * j + 1], s0, tot[4 * j + 1]);
-            tot[4 * j + 2] = fmaf(acc_h[half][4 * j + 2], s1, tot[4 * j + 2]);
-            tot[4 * j + 3] = fmaf(acc_h[half][4 * j + 3], s1, tot[4 * j + 3]);
-          }
-        } else {
-          constexpr int h = decltype(h_c)::value;
-          const float* sa = reinterpret_cast<const float*>(smem + slot * S::kStage + S::kB + S::kW) + h * kTok +
-                            half * (kTok / 2) + 2 * t;
-#pragma unroll
-          for (int j = 0; j < kTok / 16; ++j) {
-            const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
-            tot[4 * j + 0] = fmaf(acc_h[half][4 * j + 0], s0 * ts.x, tot[4 * j + 0]);
-            tot[4 * j + 1] = fmaf(acc_h[half][4 * j + 1], s0 * ts.y, tot[4 * j + 1]);
-            tot[4 * j + 2] = fmaf(acc_h[half][4 * j + 2], s1 * ts.x, tot[4 * j + 2]);
-            tot[4 * j + 3] = fmaf(acc_h[half][4 * j + 3], s1 * ts.y, tot[4 * j + 3]);
-          }
-        }
+        promote<kFp8>(total + half * (kTok / 4), acc_h[half], s0, s1,
+                      reinterpret_cast<const float*>(smem + slot * S::kStage + S::kB + S::kW) + h * kTok +
+                          half * (kTok / 2) + 2 * t);
       };
       auto fence_fragments = [&](uint32_t (&a)[2][4]) {
 #pragma unroll
@@ -457,24 +461,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
 #pragma unroll
           for (int i = 0; i < kTok / 2; ++i) total[i] = acc[i] * s0;
         }
-      } else if constexpr (kFp8) {
-#pragma unroll
-        for (int j = 0; j < kTok / 8; ++j) {
-          total[4 * j + 0] = fmaf(acc[4 * j + 0], s0, total[4 * j + 0]);
-          total[4 * j + 1] = fmaf(acc[4 * j + 1], s0, total[4 * j + 1]);
-          total[4 * j + 2] = fmaf(acc[4 * j + 2], s1, total[4 * j + 2]);
-          total[4 * j + 3] = fmaf(acc[4 * j + 3], s1, total[4 * j + 3]);
-        }
       } else {
-        const float* sa = reinterpret_cast<const float*>(st + S::kB + S::kW) + h * kTok + 2 * t;
-#pragma unroll
-        for (int j = 0; j < kTok / 8; ++j) {
-          const float2 ts = *reinterpret_cast<const float2*>(sa + 8 * j);
-          total[4 * j + 0] = fmaf(acc[4 * j + 0], s0 * ts.x, total[4 * j + 0]);
-          total[4 * j + 1] = fmaf(acc[4 * j + 1], s0 * ts.y, total[4 * j + 1]);
-          total[4 * j + 2] = fmaf(acc[4 * j + 2], s1 * ts.x, total[4 * j + 2]);
-          total[4 * j + 3] = fmaf(acc[4 * j + 3], s1 * ts.y, total[4 * j + 3]);
-        }
+        promote<kFp8>(total, acc, s0, s1, reinterpret_cast<const float*>(st + S::kB + S::kW) + h * kTok + 2 * t);
       }
       if (h == 1 || grp + 1 == G) sm90::mbar_arrive(&empty[slot]);  // this stage is no longer read
 #pragma unroll
