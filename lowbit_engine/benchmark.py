@@ -195,6 +195,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
         cases.append(Case("gemm_w4a4_r32", flops, M * K / 2 + 4 * M * K / 64 + 4 * M * RANK + w_bytes + out_b,
                           lambda i: torch.ops.lowbit.gemm_w4a4(*w4a4_args(i)), "gemm_w4a4", w4a4_args))
 
+    w4a8_bytes = M * K + 4 * M + 4 * M * RANK + w_bytes + out_b  # 8-bit tokens, per-token scales
     pre8 = [ops.quantize_act(*q8_args(i)) for i in range(len(sets))] if _runs_natively(
         "quantize_act", q8_args(0)) else None
 
@@ -204,7 +205,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
         return (q, s, d["w4"], d["w4_scales"], la, d["lora_up"], d["bias"], torch.bfloat16)
 
     if pre8 is not None:
-        cases.append(Case("gemm_w4a8_r32", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b,
+        cases.append(Case("gemm_w4a8_r32", flops, w4a8_bytes,
                           lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8_args(i)), "gemm_w4a8", w4a8_args))
 
     # W4A8 with fp8 e4m3 tokens (on Hopper: the wgmma kernel).
@@ -218,7 +219,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
         return (q, s, d["w4"], d["w4_scales"], la, d["lora_up"], d["bias"], torch.bfloat16)
 
     if pre_f is not None:
-        cases.append(Case("gemm_w4a8fp8_r32", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b,
+        cases.append(Case("gemm_w4a8fp8_r32", flops, w4a8_bytes,
                           lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8f_args(i)), "gemm_w4a8", w4a8f_args))
 
     if on_gpu and pre is not None:
@@ -231,7 +232,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
             lambda i: torch.ops.lowbit.gemm_w4a4(*w4a4_args(i)), LOWBIT_GEMM_W4_KERNEL="wgmma",
             LOWBIT_GEMM_W4_SM90_SCHEDULE="split"), "gemm_w4a4"))
     if on_gpu and pre_f is not None:
-        cases.append(Case("gemm_w4a8fp8_r32_split", flops, M * K + 4 * M + 4 * M * RANK + w_bytes + out_b, _with_env(
+        cases.append(Case("gemm_w4a8fp8_r32_split", flops, w4a8_bytes, _with_env(
             lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8f_args(i)), LOWBIT_GEMM_W4_SM90_SCHEDULE="split"), "gemm_w4a8"))
 
     def svdq_linear(i, mode):

@@ -28,7 +28,7 @@ def split_schedule_events(G: int) -> list[tuple]:
     ev.append(("build", 0, 0, "cur"))
     scale_next = 1  # sw0 = sw_r0 + 1
     c = 0  # scales of the current group (s_next0 = sw_r0[0])
-    state = {"slot": 0, "next_phase": 0, "c": c, "scale_next": scale_next}
+    state = {"slot": 0, "phase": 0, "c": c, "scale_next": scale_next}
 
     def issue_half(slot, h, half, frag):
         ev.append(("issue", slot, h, half, frag))
@@ -39,8 +39,8 @@ def split_schedule_events(G: int) -> list[tuple]:
         nslot = state["slot"]
         if h == 1:
             nslot = 0 if state["slot"] + 1 == K_STAGES else state["slot"] + 1
-            state["next_phase"] ^= 1 if nslot == 0 else 0
-            ev.append(("wait_full", nslot, state["next_phase"]))
+            state["phase"] ^= 1 if nslot == 0 else 0
+            ev.append(("wait_full", nslot, state["phase"]))
         ev.append(("build", nslot, 1 - h, b))
         ev.append(("wait", 1))
         ev.append(("promote", state["slot"], h, 0, state["c"]))

@@ -377,15 +377,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_w4_sm90_kernel(const GemmW4P
       const uint16_t* sw1 = sw_r1 + 1;
       float c0 = s_next0, c1 = s_next1;  // scales of the current group
       int slot = 0;
-      uint32_t next_phase = 0;  // parity of the next stage's full barrier
+      uint32_t phase = 0;  // full-barrier parity of the stage in `slot` (flips when the ring wraps)
       auto step = [&](auto h_c, uint32_t (&a)[2][4], uint32_t (&b)[2][4]) {  // a group that is not the last
         constexpr int h = decltype(h_c)::value;
         const float n0 = bf16_bits_to_float(__ldg(sw0++)), n1 = bf16_bits_to_float(__ldg(sw1++));
         int nslot = slot;  // the next group's stage
         if constexpr (h == 1) {
           nslot = slot + 1 == kStages ? 0 : slot + 1;
-          next_phase ^= nslot == 0 ? 1u : 0u;
-          sm90::mbar_wait(&full[nslot], next_phase);
+          phase ^= nslot == 0 ? 1u : 0u;
+          sm90::mbar_wait(&full[nslot], phase);
         }
         if constexpr ((kAblate & kAblateBuild) == 0) {
           build_at(smem + nslot * S::kStage + S::kB, 1 - h, b);
@@ -534,7 +534,8 @@ void launch(const GemmW4Problem& p, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&device);
   const uint64_t bit = device < 64 ? (uint64_t(1) << device) : 0;
   if (err == cudaSuccess && (bit == 0 || !(opted_in.load(std::memory_order_relaxed) & bit))) {
-    err = cudaFuncSetAttribute(gemm_w4_sm90_kernel<kFp8, kTok, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = cudaFuncSetAttribute(gemm_w4_sm90_kernel<kFp8, kTok, kSplit>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               smem);
     if (err == cudaSuccess) opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (err != cudaSuccess) throw std::runtime_error(std::string("lowbit gemm (sm90): ") + cudaGetErrorString(err));
