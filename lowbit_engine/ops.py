@@ -496,3 +496,4 @@ OPS = ("quantize_act", "gemm_w4a4", "gemm_w4a8", "vq_dequantize", "vq_gemm")
 # Last, once every op above exists: importing the Triton kernels registers their backends.
 from . import kernels as _kernels  # noqa: E402,F401  registers the Triton backends
 from . import ops_float as _ops_float  # noqa: E402,F401  registers lowbit::fp8_linear / lowbit::fp4_linear
+from . import ops_w4a8 as _ops_w4a8  # noqa: E402,F401  registers lowbit::gemm_w4a8_f8l / gemm_w4a8_i8q

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import int4, vq
+from .formats import f8l, i8q, int4, vq
 
 GROUP = int4.GROUP_SIZE
 ACT_MODES = ("int4", "int8", "fp8")
@@ -245,6 +245,126 @@ def gemm_w4a8(
             acc = acc + gsum[g].float() * sw[None, :, g]
         acc = acc * sa[:, None]
     return _epilogue(acc, lora_act, lora_up, bias, out_dtype)
+
+
+# ---- promotion-free 8-bit GEMMs (F8L and I8Q weights) ------------------------------------------
+
+
+_W8_PAIRS = {torch.int8: torch.int8, torch.float8_e4m3fn: torch.float8_e4m3fn}
+
+
+def gemm_w8(
+    act: torch.Tensor,
+    act_scales: torch.Tensor,
+    w8: torch.Tensor,
+    w_row_scale: torch.Tensor,
+    lora_act: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    accum_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The 8-bit GEMM every promotion-free format feeds (docs/formats.md, "8-bit GEMM with row scales").
+
+    ``act`` int8 or e4m3 ``[M, K]`` with fp32 ``act_scales [M]``; ``w8`` of the same kind ``[N, K]`` with
+    fp32 ``w_row_scale [N]``. ``acc = sum_k act * w8`` over the whole K (int8: exact in int32, then one
+    rounding to fp32; e4m3: every product is exact, the sum is rounded once to fp32, a valid choice since
+    its order is free), then ``(acc * act_scales[m]) * w_row_scale[n]``, then the low-rank term with
+    ``lora_act`` rounded to ``lora_up``'s dtype (bf16 or fp16: its products are exact in fp32), then bias.
+    ``accum_dtype=torch.float64`` gives the float64 reference (with ``lora_act`` rounded the same way).
+
+    Example:
+        >>> a = torch.randint(-127, 128, (3, 64), dtype=torch.int8)
+        >>> w = torch.randint(-127, 128, (5, 64), dtype=torch.int8)
+        >>> gemm_w8(a, torch.ones(3), w, torch.ones(5), out_dtype=torch.float32).equal(
+        ...     (a.float() @ w.float().T))
+        True
+    """
+    op = "gemm_w8"
+    _require(act.dim() == 2 and act.dtype in _W8_PAIRS, op,
+             f"act must be int8 or float8_e4m3fn [M, K], got {act.dtype} {tuple(act.shape)}")
+    M, K = act.shape
+    _require(w8.dim() == 2 and w8.shape[1] == K and w8.dtype == _W8_PAIRS[act.dtype], op,
+             f"w8 must be {act.dtype} [N, K={K}] like act, got {w8.dtype} {tuple(w8.shape)}")
+    N = w8.shape[0]
+    _require(tuple(act_scales.shape) == (M,), op, f"act_scales must be [M={M}], got {tuple(act_scales.shape)}")
+    _require(tuple(w_row_scale.shape) == (N,), op, f"w_row_scale must be [N={N}], got {tuple(w_row_scale.shape)}")
+    _require((lora_act is None) == (lora_up is None), op, "lora_act and lora_up come both or neither")
+    if lora_act is not None:
+        _require(lora_act.dim() == 2 and lora_up.dim() == 2 and lora_act.shape[0] == M
+                 and lora_up.shape[0] == N and lora_act.shape[1] == lora_up.shape[1], op,
+                 f"lora_act must be [M={M}, R] and lora_up [N={N}, R], got {tuple(lora_act.shape)} "
+                 f"and {tuple(lora_up.shape)}")
+        lora_act = lora_act.to(lora_up.dtype)  # the kernels' low-rank operands are 16-bit
+    if bias is not None:
+        _require(tuple(bias.shape) == (N,), op, f"bias must be [N={N}], got {tuple(bias.shape)}")
+    _require(out_dtype in _OUT_DTYPES, op, f"out_dtype must be bf16, fp16, fp32 or fp64, got {out_dtype}")
+    _require(accum_dtype in (torch.float32, torch.float64), op, f"accum_dtype must be fp32 or fp64, got {accum_dtype}")
+    # float64 sums: exact for int8 (|sum| <= 2^14 K) and, short of extreme exponent spreads, for e4m3
+    # (each product is a multiple of 2^-18 with at most 8 significant bits)
+    acc = act.double() @ w8.double().T
+    if accum_dtype == torch.float64:
+        acc = acc * act_scales.double()[:, None] * w_row_scale.double()[None, :]
+    else:
+        acc = (acc.float() * act_scales.float()[:, None]) * w_row_scale.float()[None, :]
+    return _epilogue(acc, lora_act, lora_up, bias, out_dtype)
+
+
+def gemm_w4a8_f8l(
+    act: torch.Tensor,
+    act_scales: torch.Tensor,
+    w: torch.Tensor,
+    w_gscales: torch.Tensor,
+    w_row_scale: torch.Tensor,
+    lora_act: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    accum_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W4A8 GEMM on F8L weights (op ``lowbit::gemm_w4a8_f8l``): e4m3 tokens x :func:`formats.f8l.expand`.
+
+    ``act`` e4m3 ``[M, K]``, ``act_scales`` fp32 ``[M]``; ``w`` uint8 ``[N, K/2]`` codes, ``w_gscales`` e4m3
+    ``[N, K/64]``, ``w_row_scale`` fp32 ``[N]``; the rest as :func:`gemm_w8`.
+
+    Example:
+        >>> codes, gs, r = f8l.quantize(torch.randn(8, 128))
+        >>> qa, sa, _ = quantize_act(torch.randn(2, 128, dtype=torch.bfloat16), mode="fp8")
+        >>> gemm_w4a8_f8l(qa, sa, f8l.pack(codes), gs, r).shape
+        torch.Size([2, 8])
+    """
+    _require(act.dtype == torch.float8_e4m3fn, "gemm_w4a8_f8l", f"act must be float8_e4m3fn, got {act.dtype}")
+    return gemm_w8(act, act_scales, f8l.expand(w, w_gscales), w_row_scale, lora_act, lora_up, bias, out_dtype,
+                   accum_dtype)
+
+
+def gemm_w4a8_i8q(
+    act: torch.Tensor,
+    act_scales: torch.Tensor,
+    w: torch.Tensor,
+    w_steps: torch.Tensor,
+    w_zeros: torch.Tensor,
+    w_row_scale: torch.Tensor,
+    lora_act: torch.Tensor | None = None,
+    lora_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    accum_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W4A8 GEMM on I8Q weights (op ``lowbit::gemm_w4a8_i8q``): int8 tokens x :func:`formats.i8q.expand`.
+
+    ``act`` int8 ``[M, K]``, ``act_scales`` fp32 ``[M]``; ``w`` uint8 ``[N, K/2]`` codes, ``w_steps`` and
+    ``w_zeros`` uint8 ``[N, K/64]``, ``w_row_scale`` fp32 ``[N]``; the rest as :func:`gemm_w8`.
+
+    Example:
+        >>> codes, s, z, r = i8q.quantize(torch.randn(8, 128))
+        >>> qa, sa, _ = quantize_act(torch.randn(2, 128, dtype=torch.bfloat16), mode="int8")
+        >>> gemm_w4a8_i8q(qa, sa, i8q.pack(codes), s, z, r).shape
+        torch.Size([2, 8])
+    """
+    _require(act.dtype == torch.int8, "gemm_w4a8_i8q", f"act must be int8, got {act.dtype}")
+    return gemm_w8(act, act_scales, i8q.expand(w, w_steps, w_zeros), w_row_scale, lora_act, lora_up, bias,
+                   out_dtype, accum_dtype)
 
 
 # ---- vq ---------------------------------------------------------------------------------------

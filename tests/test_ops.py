@@ -152,8 +152,9 @@ def test_missing_native_module_falls_back_with_one_warning(gen, monkeypatch):
 
 def test_forcing_an_unregistered_backend_is_an_error(gen):
     d = _layer(gen)
-    with ops.use_backend("triton", op="quantize_act"), pytest.raises(ValueError, match="not registered"):
-        ops.quantize_act(d["x"])
+    cb, codes = torch.randn(16, 4), torch.randint(0, 16, (8, 32), dtype=torch.uint8)
+    with ops.use_backend("cuda", op="vq_gemm"), pytest.raises(ValueError, match="not registered"):
+        ops.vq_gemm(d["x"], codes, cb, 8, 128, 8)
     with pytest.raises(ValueError, match="unknown backend"):
         with ops.use_backend("opencl"):
             pass

@@ -73,4 +73,56 @@ void register_cpu(py::module_& m) {
                              N, K, ptr<const void>(bias), DType(bias_dtype), ptr<void>(out));
       },
       "x @ W^T + bias with W decoded from a VQ codebook");
+  m.def(
+      "cpu_expand_f8l",
+      [](uintptr_t codes, uintptr_t gscales, int64_t N, int64_t K, uintptr_t out) {
+        py::gil_scoped_release release;
+        lowbit::cpu::expand_f8l(ptr<const uint8_t>(codes), ptr<const uint8_t>(gscales), N, K, ptr<uint8_t>(out));
+      },
+      "F8L weights to the e4m3 GEMM operand");
+  m.def(
+      "cpu_expand_i8q",
+      [](uintptr_t codes, uintptr_t steps, uintptr_t zeros, int64_t N, int64_t K, uintptr_t out) {
+        py::gil_scoped_release release;
+        lowbit::cpu::expand_i8q(ptr<const uint8_t>(codes), ptr<const uint8_t>(steps), ptr<const uint8_t>(zeros), N,
+                                K, ptr<int8_t>(out));
+      },
+      "I8Q weights to the int8 GEMM operand");
+  m.def(
+      "cpu_gemm_w8",
+      [](uintptr_t act, int act_dtype, uintptr_t act_scales, uintptr_t w8, uintptr_t w_row_scale, int64_t M,
+         int64_t N, int64_t K, int64_t k_multiple, uintptr_t lora_act, uintptr_t lora_up, int lora_dtype, int64_t R,
+         uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::gemm_w8(ptr<const void>(act), DType(act_dtype), ptr<const float>(act_scales),
+                             ptr<const void>(w8), ptr<const float>(w_row_scale), M, N, K, k_multiple,
+                             ptr<const float>(lora_act), ptr<const void>(lora_up), DType(lora_dtype), R,
+                             ptr<const void>(bias), DType(bias_dtype), ptr<void>(out), DType(out_dtype));
+      },
+      "8-bit GEMM (int8 x int8 or e4m3 x e4m3), per-token x per-row scales, low-rank and bias epilogue");
+  m.def(
+      "cpu_gemm_w4a8_f8l",
+      [](uintptr_t act, uintptr_t act_scales, uintptr_t w, uintptr_t w_gscales, uintptr_t w_row_scale, int64_t M,
+         int64_t N, int64_t K, uintptr_t lora_act, uintptr_t lora_up, int lora_dtype, int64_t R, uintptr_t bias,
+         int bias_dtype, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::gemm_w4a8_f8l(ptr<const uint8_t>(act), ptr<const float>(act_scales), ptr<const uint8_t>(w),
+                                   ptr<const uint8_t>(w_gscales), ptr<const float>(w_row_scale), M, N, K,
+                                   ptr<const float>(lora_act), ptr<const void>(lora_up), DType(lora_dtype), R,
+                                   ptr<const void>(bias), DType(bias_dtype), ptr<void>(out), DType(out_dtype));
+      },
+      "W4A8 GEMM on F8L weights (e4m3 tokens)");
+  m.def(
+      "cpu_gemm_w4a8_i8q",
+      [](uintptr_t act, uintptr_t act_scales, uintptr_t w, uintptr_t w_steps, uintptr_t w_zeros,
+         uintptr_t w_row_scale, int64_t M, int64_t N, int64_t K, uintptr_t lora_act, uintptr_t lora_up,
+         int lora_dtype, int64_t R, uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::gemm_w4a8_i8q(ptr<const int8_t>(act), ptr<const float>(act_scales), ptr<const uint8_t>(w),
+                                   ptr<const uint8_t>(w_steps), ptr<const uint8_t>(w_zeros),
+                                   ptr<const float>(w_row_scale), M, N, K, ptr<const float>(lora_act),
+                                   ptr<const void>(lora_up), DType(lora_dtype), R, ptr<const void>(bias),
+                                   DType(bias_dtype), ptr<void>(out), DType(out_dtype));
+      },
+      "W4A8 GEMM on I8Q weights (int8 tokens)");
 }

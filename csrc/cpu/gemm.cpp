@@ -11,13 +11,18 @@
 
 #include "lowbit/cpu_ref.h"
 #include "lowbit/numeric.h"
+#include "gemm_common.h"
 
 namespace lowbit::cpu {
 namespace {
 
-[[noreturn]] void bad(const char* op, const std::string& msg) {
-  throw std::invalid_argument(std::string(op) + ": " + msg);
-}
+using detail::bad;
+using detail::check_common;
+using detail::dot_f32;
+using detail::dot_i8;
+using detail::Epilogue;
+using detail::make_epilogue;
+
 
 // Unpacks `bytes` packed int4 bytes (even k in the low nibble, two's complement) into 2*bytes int8.
 void unpack_int4(const uint8_t* packed, int64_t bytes, int8_t* out) {
@@ -26,91 +31,6 @@ void unpack_int4(const uint8_t* packed, int64_t bytes, int8_t* out) {
     out[2 * j] = int8_t(lo >= 8 ? lo - 16 : lo);  // two's-complement nibble
     out[2 * j + 1] = int8_t(hi >= 8 ? hi - 16 : hi);
   }
-}
-
-// Exact integer dot product; a plain loop the compiler vectorizes (widening multiply-add).
-int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t n) {
-  int32_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += int32_t(a[i]) * int32_t(b[i]);
-  return s;
-}
-
-// Sequential fp32 dot product (fp8 activations): each product is exact in fp32 (an e4m3 value times
-// an int4 value has at most 8 significant bits); the sum order is free per docs/formats.md.
-float dot_f32(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// The optional low-rank term and bias, converted to fp32 once, and the output.
-struct Epilogue {
-  const float* lora_act = nullptr;  // [M, R] fp32
-  std::vector<float> lora_up;       // [N, R] as fp32
-  int64_t R = 0;
-  std::vector<float> bias;  // [N] as fp32, empty when absent
-  void* out = nullptr;
-  DType out_dtype = DType::F32;
-  int64_t N = 0;
-
-  // acc += sum_r lora_act[m, r] * lora_up[n, r]; acc += bias[n]; out[m, n] = round(acc).
-  void finish(int64_t m, int64_t n, float acc) const {
-    if (R > 0) {
-      const float* la = lora_act + m * R;
-      const float* lu = lora_up.data() + n * R;
-      float low_rank = 0.0f;
-      for (int64_t r = 0; r < R; ++r) low_rank += la[r] * lu[r];
-      acc += low_rank;
-    }
-    if (!bias.empty()) acc += bias[size_t(n)];
-    store_floats(&acc, 1, out, out_dtype, m * N + n);
-  }
-};
-
-// Checks shared by both GEMMs. Returns false when the output is empty (nothing to compute), after
-// which the caller's pointers are not checked (empty torch tensors report address 0).
-bool check_common(const char* op, int64_t M, int64_t N, int64_t K, const float* lora_act,
-                  const void* lora_up, DType lora_dtype, int64_t R, const void* bias, DType bias_dtype,
-                  const void* out, DType out_dtype) {
-  if (M < 0 || N < 0) bad(op, "M and N must be >= 0, got M=" + std::to_string(M) + ", N=" + std::to_string(N));
-  if (K <= 0 || K % kInt4Group != 0) bad(op, "K must be a positive multiple of 64, got " + std::to_string(K));
-  if (!is_float_dtype(out_dtype)) {
-    bad(op, "out dtype must be float32, float16 or bfloat16, got dtype code " + std::to_string(int(out_dtype)));
-  }
-  if (R < 0) bad(op, "R must be >= 0, got " + std::to_string(R));
-  if ((lora_act == nullptr) != (lora_up == nullptr)) {
-    bad(op, std::string("lora_act and lora_up come both or neither, got lora_act ") +
-                (lora_act ? "set" : "null") + " and lora_up " + (lora_up ? "set" : "null"));
-  }
-  if (R > 0 && lora_act == nullptr) bad(op, "R = " + std::to_string(R) + " but lora_act and lora_up are null");
-  if (R > 0 && lora_dtype != DType::F16 && lora_dtype != DType::BF16) {
-    bad(op, "lora_up must be float16 or bfloat16, got dtype code " + std::to_string(int(lora_dtype)));
-  }
-  if (bias != nullptr && !is_float_dtype(bias_dtype)) {
-    bad(op, "bias must be float32, float16 or bfloat16, got dtype code " + std::to_string(int(bias_dtype)));
-  }
-  if (M == 0 || N == 0) return false;
-  if (out == nullptr) bad(op, "out is null");
-  return true;
-}
-
-Epilogue make_epilogue(int64_t N, const float* lora_act, const void* lora_up, DType lora_dtype, int64_t R,
-                       const void* bias, DType bias_dtype, void* out, DType out_dtype) {
-  Epilogue e;
-  e.N = N;
-  e.out = out;
-  e.out_dtype = out_dtype;
-  if (R > 0) {
-    e.R = R;
-    e.lora_act = lora_act;
-    e.lora_up.resize(size_t(N * R));
-    load_floats(lora_up, lora_dtype, 0, N * R, e.lora_up.data());
-  }
-  if (bias != nullptr) {
-    e.bias.resize(size_t(N));
-    load_floats(bias, bias_dtype, 0, N, e.bias.data());
-  }
-  return e;
 }
 
 // Weight row n: int4 values as int8 [K] and its bf16 group scales as fp32 [K/64].

@@ -42,4 +42,32 @@ void vq_gemm(const void* x, DType x_dtype, int64_t M, const uint8_t* codes, int 
              const void* codebook, DType codebook_dtype, int64_t k, int64_t d, const float* channel_scale,
              int64_t N, int64_t K, const void* bias, DType bias_dtype, void* out);
 
+// ---- promotion-free W4A8 (docs/formats.md: F8L, I8Q, 8-bit GEMM with row scales) ------------------
+
+// F8L codes uint8 [N, K/2] (sign-magnitude nibbles), gscales e4m3 bits [N, K/64] -> e4m3 bytes [N, K].
+void expand_f8l(const uint8_t* codes, const uint8_t* gscales, int64_t N, int64_t K, uint8_t* out);
+
+// I8Q codes uint8 [N, K/2] (0..15), steps and zeros uint8 [N, K/64] -> int8 (q - z) * s [N, K].
+void expand_i8q(const uint8_t* codes, const uint8_t* steps, const uint8_t* zeros, int64_t N, int64_t K,
+                int8_t* out);
+
+// act and w8 both int8 or both e4m3 (act_dtype I8 / F8E4M3) [M, K] / [N, K]; act_scales fp32 [M],
+// w_row_scale fp32 [N]; K a positive multiple of k_multiple. lora_act fp32 [M, R] (rounded to lora_dtype
+// first) with lora_up [N, R], bias [N], out [M, N] as gemm_w4a4.
+void gemm_w8(const void* act, DType act_dtype, const float* act_scales, const void* w8, const float* w_row_scale,
+             int64_t M, int64_t N, int64_t K, int64_t k_multiple, const float* lora_act, const void* lora_up,
+             DType lora_dtype, int64_t R, const void* bias, DType bias_dtype, void* out, DType out_dtype);
+
+// expand_f8l + gemm_w8 (act e4m3 bits [M, K]).
+void gemm_w4a8_f8l(const uint8_t* act, const float* act_scales, const uint8_t* w, const uint8_t* w_gscales,
+                   const float* w_row_scale, int64_t M, int64_t N, int64_t K, const float* lora_act,
+                   const void* lora_up, DType lora_dtype, int64_t R, const void* bias, DType bias_dtype, void* out,
+                   DType out_dtype);
+
+// expand_i8q + gemm_w8 (act int8 [M, K]).
+void gemm_w4a8_i8q(const int8_t* act, const float* act_scales, const uint8_t* w, const uint8_t* w_steps,
+                   const uint8_t* w_zeros, const float* w_row_scale, int64_t M, int64_t N, int64_t K,
+                   const float* lora_act, const void* lora_up, DType lora_dtype, int64_t R, const void* bias,
+                   DType bias_dtype, void* out, DType out_dtype);
+
 }  // namespace lowbit::cpu
