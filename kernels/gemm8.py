@@ -1,0 +1,223 @@
+"""Triton 8-bit GEMM with row scales: the one large-M GEMM every promotion-free format feeds.
+
+Math contract: docs/formats.md, "8-bit GEMM with row scales"::
+
+    acc[m, n] = sum_k a[m, k] * w8[n, k]       whole K in one accumulator (int8: int32, exact; e4m3: fp32)
+    out[m, n] = (float(acc) * sa[m]) * sw[n] + lora_act[m, :] . lora_up[n, :] + bias[n]
+
+``a`` and ``w8`` are both int8 or both e4m3 (``torch.float8_e4m3fn`` tensors, passed as such: Triton then
+pipelines the loads into shared memory and feeds wgmma straight from there; a uint8 view bitcast inside
+the kernel was the landed fp8 kernel's 4-6x slowdown). The weight operand comes from a format's expand
+kernel (kernels/w4_expand.py: F8L, I8Q, nvfp4, mxfp4, VQ) or is a stored e4m3 weight (``fp8``).
+
+Structure (the probe of ../shared/DESIGN.md that reached 1050-1196 TFLOP/s on the FLUX shapes):
+128 x 256 x 128 tiles, 8 warps, 3 stages, grouped rasterization, loads without masks (row offsets wrap
+modulo M and N, so out-of-range rows read valid memory and are dropped at the store; K is a multiple of
+BLOCK_K on the fast path), ``acc = tl.dot(a, b, acc)`` so the MMA accumulates in place. On Hopper the fp8
+MMA accumulates with fewer than fp32's bits (measured ~3.5e-5 relative at K=3072 in this project); F8L
+accepts that (the whole K accumulates in the MMA), int8 is exact.
+
+Epilogue: the two row scales, then the low-rank up-projection as one more MMA on 16-bit operands
+(``LORA_16BIT``: lora_act rounded to lora_up's dtype, bf16/fp16 products exact in fp32; ``fp8_linear``'s
+fp32 contract uses an fp32 "ieee" dot instead), bias, one rounding to the output dtype.
+
+CPU: runs under the Triton interpreter in the tests (a private interpreted copy, tests/triton_interp.py);
+only ``triton.language`` builtins are called in the kernel (see kernels/fp8_gemm.py). The interpreter's
+bf16 ``tl.dot`` is wrong in Triton 3.9, so there (only) the 16-bit low-rank operands are rounded and the
+dot runs in fp32, which is the same math (a 16-bit x 16-bit product is exact in fp32).
+
+Example (on a CUDA GPU)::
+
+    a = torch.randint(-127, 128, (4608, 3072), dtype=torch.int8, device="cuda")
+    w = torch.randint(-127, 128, (3072, 3072), dtype=torch.int8, device="cuda")
+    ones = torch.ones(4608, device="cuda"), torch.ones(3072, device="cuda")
+    out = gemm8_triton(a, ones[0], w, ones[1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit_engine.kernels import fp8_gemm as _tiles  # TileConfig, choose_config, checks (shared infra)
+
+W8_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+@triton.jit
+def _bf16_rne_as_f32(x):
+    """fp32 ``x`` rounded to bf16 (RNE) on the bit pattern, returned as fp32: the interpreter's own
+    fp32 -> bf16 cast truncates (compiled kernels use the hardware conversion instead)."""
+    u = x.to(tl.int32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & -65536
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemm8_kernel(
+    a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    IS_INT8: tl.constexpr, HAS_LORA: tl.constexpr, LORA_16BIT: tl.constexpr, EMULATE_16BIT_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile over the whole K."""
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrapped rows: every load is in bounds without a mask (the store masks the real rows).
+    rows_a = (offs_m % M).to(tl.int64)
+    rows_w = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + rows_a[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + rows_w[None, :] * K + offs_k[:, None]  # [BLOCK_K, BLOCK_N]: w^T, K contiguous
+
+    if IS_INT8:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            if IS_INT8:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0)
+                b = tl.load(w_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                b = tl.load(w_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    sa = tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+    out = (acc.to(tl.float32) * sa[:, None]) * sw[None, :]
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + offs_r
+            la = tl.load(la_ptr + rows_a[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0)
+            lu = tl.load(lu_ptr + rows_w[None, :] * R + r[:, None], mask=(r < R)[:, None], other=0.0)
+            if LORA_16BIT:
+                if EMULATE_16BIT_DOT:
+                    out += tl.dot(_bf16_rne_as_f32(la) if lu.dtype == tl.bfloat16 else la.to(lu.dtype).to(tl.float32),
+                                  lu.to(tl.float32), input_precision="ieee")
+                else:
+                    out = tl.dot(la.to(lu.dtype), lu, out)
+            else:
+                out += tl.dot(la, lu.to(tl.float32), input_precision="ieee")
+
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# tiles
+
+TileConfig = _tiles.TileConfig
+# Per M bucket (first bound >= M). The large-M tile is the DESIGN.md probe's; the others are first guesses
+# (LOWBIT_AUTOTUNE=1 searches CANDIDATES and caches the winner per GPU and shape).
+DEFAULTS: dict[int, TileConfig] = {
+    16: TileConfig(16, 128, 128, num_warps=4, num_stages=4),
+    64: TileConfig(64, 128, 128, num_warps=4, num_stages=4),
+    256: TileConfig(128, 128, 128, num_warps=8, num_stages=3),
+    2**62: TileConfig(128, 256, 128, num_warps=8, num_stages=3),
+}
+CANDIDATES: tuple[TileConfig, ...] = (
+    TileConfig(128, 256, 128, num_warps=8, num_stages=3),
+    TileConfig(128, 256, 128, num_warps=8, num_stages=4),
+    TileConfig(256, 128, 128, num_warps=8, num_stages=3),
+    TileConfig(128, 128, 128, num_warps=8, num_stages=4),
+    TileConfig(128, 128, 128, num_warps=4, num_stages=4),
+    TileConfig(128, 256, 64, num_warps=8, num_stages=4),
+    TileConfig(64, 128, 128, num_warps=4, num_stages=4),
+    TileConfig(64, 256, 128, num_warps=4, num_stages=4),
+)
+INTERPRETER_CONFIG = TileConfig(32, 32, 64, block_r=16, group_m=2, num_warps=1, num_stages=1)
+
+
+def interpreted() -> bool:
+    """Whether the kernel was decorated under ``TRITON_INTERPRET=1`` (it then runs on CPU tensors)."""
+    return not isinstance(_gemm8_kernel, triton.runtime.jit.JITFunction)
+
+
+def gemm8_triton(
+    a: Tensor, sa: Tensor, w8: Tensor, sw: Tensor, lora_act: Tensor | None = None, lora_up: Tensor | None = None,
+    bias: Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *, lora_16bit: bool = True,
+    out: Tensor | None = None, config: TileConfig | None = None, kernel_name: str = "gemm8",
+) -> Tensor:
+    """``(a @ w8^T) * sa[:, None] * sw[None, :] + lora_act @ lora_up^T + bias`` in ``out_dtype``.
+
+    Args:
+        a, w8: int8 or float8_e4m3fn ``[M, K]`` and ``[N, K]`` (same dtype), K a multiple of 16.
+        sa, sw: fp32 ``[M]`` and ``[N]``.
+        lora_act, lora_up: optional fp32 ``[M, R]`` and bf16/fp16 (fp32 when ``lora_16bit=False``) ``[N, R]``.
+        bias: optional ``[N]`` bf16/fp16/fp32.
+        lora_16bit: round lora_act to lora_up's dtype and use a 16-bit MMA (the SVDQuant contract), else an
+            fp32 dot (``fp8_linear``'s contract).
+        kernel_name: the autotune cache entry (callers that feed the GEMM from different formats share it).
+    """
+    fn = "gemm8_triton"
+    _tiles._check_2d(f"{fn}: a", a, W8_DTYPES)
+    M, K = a.shape
+    _tiles._check_2d(f"{fn}: w8", w8, (a.dtype,), None, K)
+    N = w8.shape[0]
+    if K % 16 != 0 or M < 1 or N < 1:
+        raise ValueError(f"{fn}: need M, N >= 1 and K a multiple of 16, got M={M}, N={N}, K={K}")
+    for name, t, n in (("sa", sa, M), ("sw", sw, N)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (n,) or not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be contiguous fp32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    R = _tiles._check_epilogue(fn, M, N, lora_act, lora_up, bias, out_dtype)
+    if R and lora_16bit and lora_up.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{fn}: lora_16bit needs a bf16/fp16 lora_up, got {lora_up.dtype}")
+    _tiles._need_device(a, "8-bit GEMM")
+    out = _tiles._out_tensor(out, M, N, out_dtype, a.device)
+    is_int8 = a.dtype == torch.int8
+
+    def launch(cfg: TileConfig, dst: Tensor) -> Tensor:
+        block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
+        block_r = min(cfg.block_r, max(16, triton.next_power_of_2(max(R, 1))))
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        guard = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
+        with guard:
+            _gemm8_kernel[grid](
+                a, sa, w8, sw, lora_act if R else dst, lora_up if R else dst, bias if bias is not None else dst,
+                dst, M, N, K, R,
+                IS_INT8=is_int8, HAS_LORA=R > 0, LORA_16BIT=lora_16bit, EMULATE_16BIT_DOT=interpreted(),
+                HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        return dst
+
+    if config is None:
+        if interpreted():
+            config = INTERPRETER_CONFIG
+        else:
+            def bench(cfg: TileConfig) -> float:
+                scratch = torch.empty_like(out)
+                return triton.testing.do_bench(lambda: launch(cfg, scratch), warmup=5, rep=20)
+            name = f"{kernel_name}_{'int8' if is_int8 else 'fp8'}"
+            config = _tiles.choose_config(M, N, K, kernel=name, bench=bench, candidates=CANDIDATES,
+                                          defaults=DEFAULTS, table={})
+    return launch(config, out)
