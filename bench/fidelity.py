@@ -9,12 +9,17 @@ the exact (fp64) output of the bf16 layer on the evaluation tokens, for
 - W4A4 with smoothing only (SVDQuant with rank 0: the alpha search, no low-rank branch);
 - SVDQuant W4A4 at ranks 16, 32 and 64 (lowbit_engine.quantize_linear("svdq-int4"));
 - SVDQuant W4A8 at rank 32 (int8 tokens);
-- an FP8 reference (e4m3 weights per output channel, e4m3 activations per token).
+- an FP8 reference (e4m3 weights per output channel, e4m3 activations per token);
+- the weight layouts of SVDQuant W4A8 r32 (``--layouts``; :func:`evaluate_layouts`): today's g64 (int4, bf16
+  scale per 64) with fp8 and with int8 tokens, against the promotion-free F8L (fp8 tokens) and I8Q (int8
+  tokens), each quantized from the float residual, and a g64 layer converted to F8L / I8Q after the fact
+  (what loading an old checkpoint onto Hopper does). tests/test_fidelity_layouts.py gates these rows.
 
 The quantized layers run through the ops (the C++ CPU references), i.e. the same math as the kernels.
 
 Usage:
     python bench/fidelity.py [--tokens 256] [--n 3072 12288] [--out bench/results/fidelity-cpu.json]
+    python bench/fidelity.py --layouts [--n 3072 12288] [--out bench/results/fidelity-layouts-cpu.json]
 """
 
 from __future__ import annotations
@@ -103,16 +108,46 @@ def evaluate(K: int, N: int, tokens: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def evaluate_layouts(K: int, N: int, tokens: int, seed: int = 0, rank: int = 32, verbose: bool = True) -> list[dict]:
+    """SQNR of SVDQuant W4A8 layers per weight layout (see the module docstring), on one synthetic layer."""
+    linear, calib, xe = synthetic_layer(K, N, tokens, seed)
+    ref = xe.double() @ linear.weight.double().T + linear.bias.double()
+    rows = []
+
+    def add(name: str, layout: str, act: str, layer) -> None:
+        with torch.no_grad():
+            out = layer(xe).float()
+        rows.append({"K": K, "N": N, "layout": layout, "tokens": act, "method": name,
+                     "sqnr_db": round(sqnr_db(ref, out), 2)})
+        if verbose:
+            print(f"K={K} N={N} {name:<34} {rows[-1]['sqnr_db']:7.2f} dB", flush=True)
+
+    for act in ("fp8", "int8"):
+        g64 = lowbit_engine.quantize_linear(linear, "svdq-w4a8", calib=calib, rank=rank, act_mode=act,
+                                            weight_layout="g64")
+        add(f"g64 ({act} tokens)", "g64", act, g64)
+        new = "f8l" if act == "fp8" else "i8q"
+        add(f"{new} ({act} tokens)", new, act,
+            lowbit_engine.quantize_linear(linear, "svdq-w4a8", calib=calib, rank=rank, act_mode=act,
+                                          weight_layout=new))
+        add(f"g64 converted to {new} ({act} tokens)", f"g64->{new}", act, g64.convert_layout(new))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=3072)
     parser.add_argument("--n", type=int, nargs="*", default=[3072, 12288])
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--out", default="bench/results/fidelity-cpu.json")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--layouts", action="store_true", help="the weight-layout rows (evaluate_layouts)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = "bench/results/fidelity-layouts-cpu.json" if args.layouts else "bench/results/fidelity-cpu.json"
     torch.manual_seed(0)  # the Gamma sampler of the heavy tails draws from the global generator
     with torch.no_grad():
-        rows = [row for n in args.n for row in evaluate(args.k, n, args.tokens)]
+        fn = evaluate_layouts if args.layouts else evaluate
+        rows = [row for n in args.n for row in fn(args.k, n, args.tokens)]
     report = {"commit": benchmark._commit(), "device": "cpu", "tokens": args.tokens, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

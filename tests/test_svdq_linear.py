@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from lowbit_engine import ops
+from lowbit_engine import ops, ops_w4a8
 from lowbit_engine.errors import UnknownFormatError
 from lowbit_engine.formats import FORMATS
 from lowbit_engine.nn import QUANTIZED_MODULES, SVDQLinear
@@ -79,10 +79,11 @@ def test_svdquant_beats_naive_w4a4(outlier_layer):
     assert s_naive < s_smooth < s_svdq
 
 
-@pytest.mark.parametrize("act_mode", ["int8", "fp8"])
-def test_svdquant_w4a8_fidelity(outlier_layer, act_mode):
+@pytest.mark.parametrize("act_mode, layout", [("int8", "g64"), ("fp8", "g64"), ("int8", "i8q"), ("fp8", "f8l")])
+def test_svdquant_w4a8_fidelity(outlier_layer, act_mode, layout):
     lin, calib, test = outlier_layer
-    m = quantize_linear(lin, "svdq-w4a8", calib=calib, rank=32, act_mode=act_mode)
+    m = quantize_linear(lin, "svdq-w4a8", calib=calib, rank=32, act_mode=act_mode, weight_layout=layout)
+    assert m.weight_layout == layout
     assert sqnr_db(m(test), _exact(lin, test)) >= FLOOR_SVDQ_W4A8
 
 
@@ -90,20 +91,27 @@ def test_svdquant_w4a8_fidelity(outlier_layer, act_mode):
 
 
 def _composition(m: SVDQLinear, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """The forward written out: the quantizer, then the GEMM with the low-rank and bias epilogue."""
+    """The forward written out: the quantizer, then the layout's GEMM with the low-rank and bias epilogue."""
     lora_down = m.lora_down if m.rank else None
     act, scales, lora_act = ops.quantize_act(x2d, m.smooth, lora_down, m.act_mode)
+    lora = (lora_act, m.lora_up) if m.rank else (None, None)
+    if m.weight_layout == "f8l":
+        return ops_w4a8.gemm_w4a8_f8l(act, scales, m.qweight, m.wscales, m.wrow, *lora, m.bias, out_dtype)
+    if m.weight_layout == "i8q":
+        return ops_w4a8.gemm_w4a8_i8q(act, scales, m.qweight, m.wscales, m.wzeros, m.wrow, *lora, m.bias, out_dtype)
     gemm = ops.gemm_w4a4 if m.act_mode == "int4" else ops.gemm_w4a8
-    return gemm(act, scales, m.qweight, m.wscales, lora_act if m.rank else None,
-                m.lora_up if m.rank else None, m.bias, out_dtype)
+    return gemm(act, scales, m.qweight, m.wscales, *lora, m.bias, out_dtype)
 
 
-@pytest.mark.parametrize("fmt, act_mode, gemm", [
-    ("svdq-int4", None, "gemm_w4a4"), ("svdq-w4a8", "int8", "gemm_w4a8"), ("svdq-w4a8", "fp8", "gemm_w4a8"),
+@pytest.mark.parametrize("fmt, act_mode, layout, gemm", [
+    ("svdq-int4", None, "auto", "gemm_w4a4"), ("svdq-w4a8", "int8", "g64", "gemm_w4a8"),
+    ("svdq-w4a8", "fp8", "g64", "gemm_w4a8"), ("svdq-w4a8", None, "auto", "gemm_w4a8_i8q"),
+    ("svdq-w4a8", "fp8", "auto", "gemm_w4a8_f8l"), ("svdq-int4", None, "i8q", "gemm_w4a8_i8q"),
+    ("svdq-int4", None, "f8l", "gemm_w4a8_f8l"),
 ])
-def test_forward_is_the_composition_of_the_ops_on_cpu_backends(gen, fmt, act_mode, gemm):
+def test_forward_is_the_composition_of_the_ops_on_cpu_backends(gen, fmt, act_mode, layout, gemm):
     lin, calib = _small(gen)
-    m = SVDQLinear.from_linear(lin, calib, rank=8, fmt=fmt, act_mode=act_mode, alphas=(0.5,))
+    m = SVDQLinear.from_linear(lin, calib, rank=8, fmt=fmt, act_mode=act_mode, alphas=(0.5,), weight_layout=layout)
     x = torch.randn(2, 7, 128, generator=gen).to(BF)
     with ops.record_backends() as used:
         y = m(x)
@@ -161,13 +169,19 @@ def test_bad_input_width(gen):
 # ------------------------------------------------------------------------------------------------ buffers, config
 
 
-def test_buffers_shapes_and_dtypes():
-    m = SVDQLinear(256, 96, rank=16, dtype=torch.float16)
+@pytest.mark.parametrize("layout, weight", [
+    ("g64", {"qweight": ((96, 128), torch.uint8), "wscales": ((96, 4), BF)}),
+    ("f8l", {"qweight": ((96, 128), torch.uint8), "wscales": ((96, 4), torch.float8_e4m3fn),
+             "wrow": ((96,), torch.float32)}),
+    ("i8q", {"qweight": ((96, 128), torch.uint8), "wscales": ((96, 4), torch.uint8),
+             "wzeros": ((96, 4), torch.uint8), "wrow": ((96,), torch.float32)}),
+])
+def test_buffers_shapes_and_dtypes(layout, weight):
+    m = SVDQLinear(256, 96, rank=16, dtype=torch.float16, weight_layout=layout)
     sd = m.state_dict()
-    expect = {
-        "qweight": ((96, 128), torch.uint8), "wscales": ((96, 4), BF), "smooth": ((256,), torch.float32),
-        "lora_down": ((16, 256), torch.float16), "lora_up": ((96, 16), torch.float16),
-        "bias": ((96,), torch.float16),
+    expect = weight | {
+        "smooth": ((256,), torch.float32), "lora_down": ((16, 256), torch.float16),
+        "lora_up": ((96, 16), torch.float16), "bias": ((96,), torch.float16),
     }
     assert set(sd) == set(expect)
     for name, (shape, dtype) in expect.items():
@@ -179,29 +193,47 @@ def test_nbytes_and_repr():
     m = SVDQLinear(3072, 3072, rank=32)
     assert m.nbytes == 3072 * 1536 + 3072 * 48 * 2 + 3072 * 4 + 2 * 32 * 3072 * 2 + 3072 * 2
     assert m.dense_nbytes == 2 * (3072 * 3072 + 3072)
-    assert repr(m) == ("SVDQLinear(in_features=3072, out_features=3072, fmt=svdq-int4, act=int4, rank=32, "
-                       "bias=True, 5.2 MiB (bf16: 18.0 MiB))")
+    assert repr(m) == ("SVDQLinear(in_features=3072, out_features=3072, fmt=svdq-int4, act=int4, layout=g64, "
+                       "rank=32, bias=True, 5.2 MiB (bf16: 18.0 MiB))")
+    # the promotion-free layouts: f8l one byte of scale per 64 and a row scale, i8q two bytes and a row scale
+    f8l = SVDQLinear(3072, 3072, rank=32, weight_layout="f8l")
+    i8q = SVDQLinear(3072, 3072, rank=32, weight_layout="i8q")
+    assert f8l.nbytes == m.nbytes - 3072 * 48 + 3072 * 4
+    assert i8q.nbytes == m.nbytes + 3072 * 4
 
 
-@pytest.mark.parametrize("fmt, act_mode", [("svdq-int4", None), ("svdq-w4a8", "int8"), ("svdq-w4a8", "fp8")])
-def test_config_round_trip(gen, fmt, act_mode):
+@pytest.mark.parametrize("fmt, act_mode, layout", [
+    ("svdq-int4", None, "g64"), ("svdq-w4a8", "int8", "g64"), ("svdq-w4a8", "fp8", "g64"),
+    ("svdq-w4a8", "int8", "i8q"), ("svdq-w4a8", "fp8", "f8l"), ("svdq-int4", None, "i8q"),
+])
+def test_config_round_trip(gen, fmt, act_mode, layout):
     lin, calib = _small(gen)
-    m = SVDQLinear.from_linear(lin, calib, rank=8, fmt=fmt, act_mode=act_mode, alphas=(0.5,))
+    m = SVDQLinear.from_linear(lin, calib, rank=8, fmt=fmt, act_mode=act_mode, alphas=(0.5,), weight_layout=layout)
     cfg = json.loads(json.dumps(m.config()))
-    assert cfg == {"format": fmt, "version": 1, "in_features": 128, "out_features": 96, "rank": 8,
-                   "group_size": 64, "act_mode": m.act_mode, "dtype": "bfloat16", "has_bias": True}
+    assert cfg == {"format": fmt, "version": 2, "in_features": 128, "out_features": 96, "rank": 8,
+                   "group_size": 64, "act_mode": m.act_mode, "dtype": "bfloat16", "has_bias": True,
+                   "weight_layout": layout}
     m2 = QUANTIZED_MODULES[type(m).__name__].from_config(cfg)
     m2.load_state_dict(m.state_dict())
     x = torch.randn(4, 128, generator=gen).to(BF)
     assert torch.equal(m2(x), m(x))
 
 
+def test_version_1_configs_are_g64_layers():
+    cfg = SVDQLinear(128, 64, rank=4, fmt="svdq-w4a8", weight_layout="g64").config()
+    cfg.pop("weight_layout")
+    m = SVDQLinear.from_config(cfg | {"version": 1})
+    assert m.weight_layout == "g64" and m.wscales.dtype == BF and m.act_mode == "int8"
+
+
 @pytest.mark.parametrize("change, exc, match", [
     (dict(format="svdq-int3"), UnknownFormatError, "unknown format"),
-    (dict(version=2), ValueError, "version"),
+    (dict(version=3), ValueError, "version"),
     (dict(group_size=128), ValueError, "group_size"),
     (dict(dtype="float32"), ValueError, "dtype"),
-    (dict(act_mode="fp8"), ValueError, "act_mode"),  # fp8 activations belong to svdq-w4a8
+    (dict(act_mode="fp8"), ValueError, "act_mode"),  # fp8 activations belong to svdq-w4a8 (or f8l weights)
+    (dict(weight_layout="g128"), ValueError, "weight_layout"),
+    (dict(weight_layout="f8l", act_mode="int8"), ValueError, "act_mode"),  # f8l takes fp8 tokens
 ])
 def test_from_config_rejects_bad_configs(change, exc, match):
     cfg = SVDQLinear(128, 64, rank=4).config() | change
@@ -218,6 +250,8 @@ def test_from_config_rejects_bad_configs(change, exc, match):
     (dict(in_features=0), "multiple of 64"),
     (dict(fmt="fp8"), "unknown format"),
     (dict(fmt="svdq-int4", act_mode="int8"), "act_mode"),
+    (dict(fmt="svdq-w4a8", act_mode="int8", weight_layout="f8l"), "act_mode"),
+    (dict(weight_layout="nf4"), "weight layout"),
     (dict(rank=200), "rank"),
     (dict(dtype=torch.float32), "dtype"),
 ])
@@ -228,9 +262,50 @@ def test_constructor_rejects_bad_arguments(kw, match):
 
 
 def test_defaults_and_registry():
-    assert SVDQLinear(128, 64).act_mode == "int4"
-    assert SVDQLinear(128, 64, fmt="svdq-w4a8").act_mode == "int8"
+    assert (SVDQLinear(128, 64).act_mode, SVDQLinear(128, 64).weight_layout) == ("int4", "g64")
+    m = SVDQLinear(128, 64, fmt="svdq-w4a8")
+    assert (m.act_mode, m.weight_layout) == ("int8", "i8q")
+    m = SVDQLinear(128, 64, fmt="svdq-w4a8", act_mode="fp8")
+    assert (m.act_mode, m.weight_layout) == ("fp8", "f8l")
     assert QUANTIZED_MODULES["SVDQLinear"] is SVDQLinear
+
+
+def test_auto_layout_follows_the_gpus_int4_tensor_cores(monkeypatch):
+    from lowbit_engine.nn import svdq_linear
+
+    monkeypatch.setattr(svdq_linear, "has_int4_tensor_cores", lambda device: False)  # a Hopper
+    assert svdq_linear.resolve_layout("svdq-int4", None) == ("i8q", "int8")
+    assert svdq_linear.resolve_layout("svdq-int4", "int4") == ("g64", "int4")  # asked for: W4A4 it is
+    monkeypatch.setattr(svdq_linear, "has_int4_tensor_cores", lambda device: True)  # an A100 / the CPU
+    assert svdq_linear.resolve_layout("svdq-int4", None) == ("g64", "int4")
+
+
+def test_convert_layout_keeps_the_layer_close(gen):
+    lin, calib = _small(gen)
+    m = SVDQLinear.from_linear(lin, calib, rank=8, alphas=(0.5,), weight_layout="g64", fmt="svdq-w4a8")
+    x = torch.randn(16, 128, generator=gen).to(BF)
+    y = m(x).float()
+    lora, ptr = m.lora_up.clone(), m.lora_up.data_ptr()
+    m.convert_layout("f8l")
+    assert (m.weight_layout, m.act_mode, m.wscales.dtype) == ("f8l", "fp8", torch.float8_e4m3fn)
+    assert torch.equal(m.lora_up, lora) and m.lora_up.data_ptr() == ptr  # the branch is not touched
+    m.check_buffers()
+    y2 = m(x).float()
+    assert ((y2 - y).norm() / y.norm()) < 0.05
+    sd = m.state_dict()
+    m2 = SVDQLinear.from_config(m.config())
+    m2.load_state_dict(sd)
+    assert torch.equal(m2(x), m(x))
+
+
+def test_check_buffers_rejects_an_i8q_group_outside_int8(gen):
+    lin, calib = _small(gen)
+    m = SVDQLinear.from_linear(lin, calib, rank=8, alphas=(0.5,), weight_layout="i8q", fmt="svdq-w4a8")
+    m.check_buffers()
+    m.wscales[3, 1] = 16
+    m.wzeros[3, 1] = 3
+    with pytest.raises(ValueError, match="int8 range"):
+        m.check_buffers()
 
 
 # ------------------------------------------------------------------------------------------------ quantize_linear
@@ -241,7 +316,7 @@ def test_quantize_linear_builds_svdq_modules(gen):
     m = quantize_linear(lin, "svdq-int4", calib=calib, rank=8, alphas=(0.5,))
     assert isinstance(m, SVDQLinear) and m.dtype == BF and m.alpha == 0.5 and m.calib_error > 0
     m = quantize_linear(lin, "svdq-w4a8", calib=calib, rank=8, alphas=(0.5,))
-    assert m.fmt == "svdq-w4a8" and m.act_mode == "int8"
+    assert m.fmt == "svdq-w4a8" and m.act_mode == "int8" and m.weight_layout == "i8q"
     assert {"svdq-int4", "svdq-w4a8"} <= set(available_formats())
 
 

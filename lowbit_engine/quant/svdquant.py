@@ -8,7 +8,10 @@ For a linear layer ``y = x @ W^T`` (``W [N, K]``):
    place (fake-quantized activations, the low-rank branch, the int4 residual).
 2. **Low rank**: the top-r SVD of ``W'`` gives ``L_up = U_r S_r [N, r]`` and ``L_down' = V_r^T [r, K]``,
    which absorb the weight outliers and stay in 16 bits.
-3. **Residual**: ``W' - L_up L_down'`` is quantized to int4, group 64, bf16 scales (docs/formats.md).
+3. **Residual**: ``W' - L_up L_down'`` is quantized to 4 bits in the chosen weight layout
+   (:mod:`lowbit_engine.formats.w4_layouts`: ``g64`` int4 with bf16 group scales; ``f8l`` and ``i8q``, the
+   promotion-free layouts of the 8-bit GEMM), with the layout's own rounding inside the search, and once
+   more at the end with its scale search (``search=True``) when that lowers the error.
 
 The smoothing is folded into the branch so it consumes the raw input: ``lora_down = L_down' / lambda``.
 The module then computes ``gemm(q(x / lambda), q(residual)) + (x @ lora_down^T) @ lora_up^T + bias``
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..formats import int4
+from ..formats import int4, w4_layouts
 
 GROUP = int4.GROUP_SIZE
 ACT_MODES = ("int4", "int8", "fp8")
@@ -56,8 +59,9 @@ class SVDQuantResult:
     """Everything :class:`lowbit_engine.nn.SVDQLinear` needs, and how the calibration went.
 
     Attributes:
-        qweight: uint8 ``[N, K/2]``, the packed int4 residual (group 64 along K).
-        wscales: bf16 ``[N, K/64]``, its group scales.
+        weight_layout: "g64", "f8l" or "i8q" (:mod:`lowbit_engine.formats.w4_layouts`).
+        weight: the residual's buffers in that layout (``qweight`` uint8 ``[N, K/2]``, ``wscales [N, K/64]``,
+            and ``wrow`` / ``wzeros`` where the layout has them).
         smooth: fp32 ``[K]``, lambda (the quantizer divides x by it; ones without smoothing).
         lora_down: ``[R, K]`` in the module dtype, ``L_down' / lambda``: it consumes the RAW input.
         lora_up: ``[N, R]`` in the module dtype, ``U_r S_r``.
@@ -71,8 +75,7 @@ class SVDQuantResult:
             weight error without; a refit that does not improve it is dropped).
     """
 
-    qweight: Tensor
-    wscales: Tensor
+    weight: dict[str, Tensor]
     smooth: Tensor
     lora_down: Tensor
     lora_up: Tensor
@@ -82,10 +85,21 @@ class SVDQuantResult:
     weight_error: float
     alpha_errors: dict[float, float] = field(default_factory=dict)
     refine_errors: list[float] = field(default_factory=list)
+    weight_layout: str = "g64"
 
     @property
     def rank(self) -> int:
         return self.lora_down.shape[0]
+
+    @property
+    def qweight(self) -> Tensor:
+        """uint8 ``[N, K/2]``: the packed 4-bit codes of the residual."""
+        return self.weight["qweight"]
+
+    @property
+    def wscales(self) -> Tensor:
+        """``[N, K/64]``: the group scales (bf16 for g64, e4m3 for f8l, uint8 steps for i8q)."""
+        return self.weight["wscales"]
 
 
 # ---- the three pieces -------------------------------------------------------------------------
@@ -158,12 +172,18 @@ class _Branch:
 
     lora_up: Tensor    # [N, R] module dtype
     lora_down: Tensor  # [R, K] module dtype, folded: L_down' / lambda
-    qweight: Tensor    # int8 [N, K] values of the int4 residual
-    wscales: Tensor    # bf16 [N, K/64]
+    layout: str        # weight layout of the residual
+    weight: dict[str, Tensor]  # the residual's buffers in that layout
+    residual: Tensor   # the float residual the weight quantizes (to requantize it with the scale search)
 
     def residual_hat(self) -> Tensor:
         """The dequantized residual, fp32 ``[N, K]`` (in the smoothed space)."""
-        return int4.dequantize(self.qweight, self.wscales)
+        return w4_layouts.dequantize(self.layout, self.weight)
+
+    def searched(self) -> _Branch:
+        """The same branch with the residual quantized again with the layout's scale search."""
+        return _Branch(self.lora_up, self.lora_down, self.layout,
+                       w4_layouts.quantize(self.residual, self.layout, search=True), self.residual)
 
 
 def lowrank_residual(w_smooth: Tensor, smooth: Tensor, rank: int, dtype: torch.dtype, *,
@@ -184,11 +204,10 @@ def lowrank_residual(w_smooth: Tensor, smooth: Tensor, rank: int, dtype: torch.d
     return lora_up, lora_down, w_smooth - low
 
 
-def _branch(w_smooth: Tensor, smooth: Tensor, rank: int, dtype: torch.dtype,
+def _branch(w_smooth: Tensor, smooth: Tensor, rank: int, dtype: torch.dtype, layout: str,
             target: Tensor | None = None, seed: int = 0) -> _Branch:
     lora_up, lora_down, residual = lowrank_residual(w_smooth, smooth, rank, dtype, target=target, seed=seed)
-    q, s = int4.quantize(residual, scale_dtype=torch.bfloat16)
-    return _Branch(lora_up, lora_down, q, s)
+    return _Branch(lora_up, lora_down, layout, w4_layouts.quantize(residual, layout), residual)
 
 
 def fake_quantize_act(x: Tensor, smooth: Tensor | None, mode: str) -> Tensor:
@@ -255,6 +274,7 @@ def svdquant(
     dtype: torch.dtype = torch.bfloat16,
     max_eval_tokens: int = 2048,
     seed: int = 0,
+    weight_layout: str = "g64",
 ) -> SVDQuantResult:
     """Quantize one linear weight with SVDQuant.
 
@@ -276,6 +296,9 @@ def svdquant(
         max_eval_tokens: the error is measured on at most this many calibration tokens (evenly spaced);
             the channel maxima always use them all.
         seed: seed of the randomized SVD's sketch.
+        weight_layout: how the int4 residual is stored: "g64" (int4, bf16 scale per 64), "f8l" (for fp8
+            tokens) or "i8q" (for int8 tokens); see :mod:`lowbit_engine.formats.w4_layouts`. The search
+            measures the error with this layout's rounding.
 
     Example:
         >>> res = svdquant(torch.randn(64, 128), torch.randn(32, 128), rank=8, alphas=(0.5,))
@@ -290,6 +313,10 @@ def svdquant(
         raise ValueError(f"svdquant: dtype must be bfloat16 or float16, got {dtype}")
     if refine_iters < 0:
         raise ValueError(f"svdquant: refine_iters must be >= 0, got {refine_iters}")
+    w4_layouts.check_layout(weight_layout)
+    if act_mode not in w4_layouts.ACTS[weight_layout]:
+        raise ValueError(f"svdquant: weight layout {weight_layout!r} takes act_mode in "
+                         f"{w4_layouts.ACTS[weight_layout]}, got {act_mode!r}")
     alphas = tuple(float(a) for a in alphas)
     if smoothing and calib is not None and not alphas:
         raise ValueError("svdquant: alphas is empty")
@@ -316,7 +343,7 @@ def svdquant(
     best = None
     curve: dict[float, float] = {}
     for alpha, smooth in candidates:
-        b = _branch(w * smooth[None, :], smooth, rank, dtype, seed=seed)
+        b = _branch(w * smooth[None, :], smooth, rank, dtype, weight_layout, seed=seed)
         err = measure(smooth, b)
         if alpha is not None:
             curve[alpha] = err
@@ -328,15 +355,23 @@ def svdquant(
     w_smooth = w * smooth[None, :]
     refine_errors = []
     for _ in range(refine_iters if rank else 0):
-        cand = _branch(w_smooth, smooth, rank, dtype, target=w_smooth - b.residual_hat(), seed=seed)
+        cand = _branch(w_smooth, smooth, rank, dtype, weight_layout, target=w_smooth - b.residual_hat(), seed=seed)
         cand_err = measure(smooth, cand)
         if cand_err >= err:
             break
         err, b = cand_err, cand
         refine_errors.append(err)
 
+    # The layouts with a scale search (f8l, i8q): quantize the final residual once more with it; kept only
+    # when the measured error drops (the search minimises the weight error, the measure is the output's).
+    if weight_layout != "g64":
+        cand = b.searched()
+        cand_err = measure(smooth, cand)
+        if cand_err < err:
+            err, b = cand_err, cand
+
     return SVDQuantResult(
-        qweight=int4.pack(b.qweight), wscales=b.wscales, smooth=smooth.contiguous(),
+        weight=b.weight, weight_layout=weight_layout, smooth=smooth.contiguous(),
         lora_down=b.lora_down.contiguous(), lora_up=b.lora_up.contiguous(), act_mode=act_mode,
         alpha=alpha, calib_error=None if calib is None else err, weight_error=_WeightError(w)(smooth, b),
         alpha_errors=curve, refine_errors=refine_errors,
