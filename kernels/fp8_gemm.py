@@ -6,10 +6,12 @@ Math contract: docs/formats.md, "fp8 e4m3, per row". Two kernels:
   16384) loads the row once into registers, takes ``amax``, ``scale = amax / 448`` (fp32, 1 when that is
   0) and stores ``q = e4m3(clamp(x / scale, -448, 448))`` rounded to nearest even, plus ``scale``. It is
   bit-exact with :func:`lowbit_engine.formats.fp8.quantize`.
-* ``_fp8_gemm_kernel``: ``out[m, n] = (sum_k qa[m, k] * qw[n, k]) * sa[m] * sw[n]
-  (+ lora_act[m, :] . lora_up[n, :]) (+ bias[n])``: e4m3 tiles through ``tl.dot`` with fp32 accumulate,
-  each BLOCK_K partial sum promoted into the fp32 accumulator, the two row scales applied once in the
-  epilogue (acc * sa first, then * sw), masked for any M and N and any K that is a multiple of 16.
+* the GEMM ``out[m, n] = (sum_k qa[m, k] * qw[n, k]) * sa[m] * sw[n] (+ lora_act[m, :] . lora_up[n, :])
+  (+ bias[n])`` is kernels/gemm8.py's 8-bit GEMM (e4m3 tiles through ``tl.dot`` with fp32 accumulate, the
+  two row scales applied once in the epilogue, acc * sa first, then * sw; the low-rank term in fp32, this
+  format's contract). The kernel this module used to hold passed the e4m3 tensors as uint8 and bitcast
+  them inside; it reached 175-257 TFLOP/s on the H100 where the same math with float8 tensors reached
+  1050-1196 (../shared/DESIGN.md), so it is gone.
 
 The e4m3 cast is written out on the fp32 bit pattern (round to nearest even on the integer bits, an
 integer shift with a sticky remainder for the e4m3 subnormals) instead of ``.to(tl.float8e4nv)``: compiled
@@ -96,67 +98,6 @@ def _quantize_fp8_rowwise_kernel(x_ptr, q_ptr, scale_ptr, K, BLOCK_K: tl.constex
     tl.store(scale_ptr + row, scale)
 
 
-@triton.jit
-def _fp8_gemm_kernel(
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, lora_act_ptr, lora_up_ptr, bias_ptr, out_ptr,
-    M, N, K, R,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile; fp8 operands are passed as uint8 and bitcast to e4m3."""
-    pid = tl.program_id(0)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    rows_m = offs_m.to(tl.int64)
-    rows_n = offs_n.to(tl.int64)
-    a_ptrs = a_ptr + rows_m[:, None] * K + offs_k[None, :]
-    w_ptrs = w_ptr + rows_n[:, None] * K + offs_k[None, :]
-
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0).to(tl.float8e4nv, bitcast=True)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float8e4nv, bitcast=True)
-        # A fresh partial sum per BLOCK_K, promoted into fp32: Hopper's fp8 MMA accumulates with ~14 bits.
-        acc += tl.dot(a, tl.trans(w), out_dtype=tl.float32)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-
-    a_scale = tl.load(a_scale_ptr + rows_m, mask=mask_m, other=0.0)
-    w_scale = tl.load(w_scale_ptr + rows_n, mask=mask_n, other=0.0)
-    acc = (acc * a_scale[:, None]) * w_scale[None, :]
-
-    if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            r = r0 + offs_r
-            mask_r = r < R
-            la = tl.load(lora_act_ptr + rows_m[:, None] * R + r[None, :],
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            lu = tl.load(lora_up_ptr + rows_n[:, None] * R + r[None, :],
-                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(la, tl.trans(lu), input_precision="ieee")
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-
-    out_ptrs = out_ptr + rows_m[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
 # --------------------------------------------------------------------------------------------------
 # tile configurations, table and autotune cache
 
@@ -201,7 +142,19 @@ _CACHE: dict[tuple[str, int, int, int], TileConfig] = {}
 
 def interpreted() -> bool:
     """Whether the kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
-    return not isinstance(_fp8_gemm_kernel, triton.runtime.jit.JITFunction)
+    return not isinstance(_quantize_fp8_rowwise_kernel, triton.runtime.jit.JITFunction)
+
+
+_gemm8 = None  # kernels/gemm8.py, imported on first use (it imports this module); tests set an interpreted copy
+
+
+def _gemm8_module():
+    global _gemm8
+    if _gemm8 is None:
+        from lowbit_engine.kernels import gemm8
+
+        _gemm8 = gemm8
+    return _gemm8
 
 
 def m_bucket(M: int) -> int:
@@ -366,38 +319,9 @@ def fp8_gemm_triton(
     """
     fn = "fp8_gemm_triton"
     _check_2d(f"{fn}: a_q", a_q, (torch.float8_e4m3fn,))
-    M, K = a_q.shape
-    _check_2d(f"{fn}: w_q", w_q, (torch.float8_e4m3fn,), None, K)
-    N = w_q.shape[0]
-    if K % 16 != 0 or M < 1 or N < 1:
-        raise ValueError(f"{fn}: need M, N >= 1 and K a multiple of 16, got M={M}, N={N}, K={K}")
-    for name, t, n in (("a_scale", a_scale, M), ("w_scale", w_scale, N)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (n,) or not t.is_contiguous():
-            raise ValueError(f"{fn}: {name} must be contiguous fp32 [{n}], got {t.dtype} {tuple(t.shape)}")
-    R = _check_epilogue(fn, M, N, lora_act, lora_up, bias, out_dtype)
-    _need_device(a_q, "fp8 GEMM")
-    out = _out_tensor(out, M, N, out_dtype, a_q.device)
-
-    def launch(cfg: TileConfig, dst: Tensor) -> Tensor:
-        block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-        block_r = min(cfg.block_r, max(16, triton.next_power_of_2(max(R, 1))))
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        with _device_guard(a_q):
-            _fp8_gemm_kernel[grid](
-                a_q.view(torch.uint8), a_scale, w_q.view(torch.uint8), w_scale,
-                lora_act if R else dst, lora_up if R else dst, bias if bias is not None else dst, dst,
-                M, N, K, R, HAS_LORA=R > 0, HAS_BIAS=bias is not None,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        return dst
-
-    if config is None:
-        def bench(cfg: TileConfig) -> float:
-            scratch = torch.empty_like(out)
-            return triton.testing.do_bench(lambda: launch(cfg, scratch), warmup=5, rep=20)
-        config = choose_config(M, N, K, kernel="fp8_gemm", bench=bench)
-    return launch(config, out)
+    _check_2d(f"{fn}: w_q", w_q, (torch.float8_e4m3fn,), None, a_q.shape[1])
+    return _gemm8_module().gemm8_triton(a_q, a_scale, w_q, w_scale, lora_act, lora_up, bias, out_dtype,
+                                        lora_16bit=False, out=out, config=config, kernel_name="fp8_gemm")
 
 
 def fp8_linear_triton(

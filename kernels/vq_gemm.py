@@ -348,6 +348,11 @@ def vq_gemm_fp8_triton(
 
     ``out = (xq * x_scale) @ (cb_fp8[idx] * cb_scale * channel_scale)^T + bias`` in ``out_dtype``
     (default: x's dtype). On a GPU this needs sm_89+ (fp8 tensor cores).
+
+    Above ``LARGE_M`` tokens the codebook gather runs once per layer instead of once per M tile: the
+    dequantize kernel copies the e4m3 codebook bytes of every weight into the shared 8-bit scratch buffer
+    (kernels/w4_expand.py), and the 8-bit GEMM (kernels/gemm8.py) runs with the row scale
+    ``cb_scale * channel_scale``. The same math up to the order of the scale multiplies.
     """
     if cb_fp8.dtype != torch.float8_e4m3fn or cb_fp8.dim() != 2:
         raise ValueError(f"vq_gemm_fp8: cb_fp8 must be a 2-d float8_e4m3fn codebook, got {cb_fp8.dtype} "
@@ -358,8 +363,30 @@ def vq_gemm_fp8_triton(
     ops._check_vq_gemm(x, codes, cb_fp8.new_empty(cb_fp8.shape, dtype=torch.bfloat16), channel_scale, bias,
                        N, K, index_bits)
     xq, xs = quantize_x_fp8(x)
+    if x.shape[0] > LARGE_M and config is None:
+        expand, gemm8 = _w8_modules()
+        w8 = expand.scratch.get(N * K, x.device).view(N, K)
+        _launch_dequant(codes, cb_fp8.contiguous().view(torch.uint8), None, N, K, index_bits, torch.uint8, out=w8)
+        row = torch.full((N,), float(cb_scale), dtype=torch.float32, device=x.device)
+        if channel_scale is not None:
+            row = row * channel_scale.float()
+        return gemm8.gemm8_triton(xq.contiguous(), xs.contiguous(), w8.view(torch.float8_e4m3fn), row, None, None,
+                                  bias, out_dtype or x.dtype, out=out, kernel_name="gemm8_vq")
     return _launch(xq, xs, codes.contiguous(), cb_fp8.contiguous(), cb_scale, channel_scale, bias, N, K,
                    index_bits, out_dtype or x.dtype, out, config)
+
+
+LARGE_M = 64  # above: gather once into the 8-bit scratch + the 8-bit GEMM (as the 4-bit formats)
+_expand = _gemm8 = None  # kernels/w4_expand.py and kernels/gemm8.py, on first use (tests set interpreted copies)
+
+
+def _w8_modules():
+    global _expand, _gemm8
+    if _expand is None:
+        from lowbit_engine.kernels import gemm8, w4_expand
+
+        _expand, _gemm8 = w4_expand, gemm8
+    return _expand, _gemm8
 
 
 # --------------------------------------------------------------------------------------------------

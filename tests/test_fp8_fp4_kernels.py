@@ -38,6 +38,9 @@ def k8() -> ModuleType:
     mod = load_interpreted("fp8_gemm.py")
     if not mod.interpreted():
         pytest.skip("this Triton did not honour TRITON_INTERPRET=1 at decoration time")
+    gemm8 = load_interpreted("gemm8.py")  # the GEMM fp8_gemm_triton runs: interpreted too, sharing mod's tiles
+    gemm8._tiles = mod
+    mod._gemm8 = gemm8
     return mod
 
 
@@ -45,6 +48,7 @@ def k8() -> ModuleType:
 def k4(k8) -> ModuleType:
     mod = load_interpreted("fp4_gemm.py")
     mod._fp8 = k8  # its quantizer and config helpers: the interpreted copy
+    mod._expand, mod._gemm8 = load_interpreted("w4_expand.py"), k8._gemm8  # the 8-bit path it feeds
     return mod
 
 
@@ -190,13 +194,15 @@ def test_fp4_gemm(k4, gen, fmt, M, N, K, act, out_dtype):
     _check(out, ref, out_dtype)
 
 
+@pytest.mark.parametrize("M", [17, 70])  # fp8: the direct small-M kernel, then expand + the 8-bit GEMM
 @pytest.mark.parametrize("act", ["fp8", "bf16"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fp4_linear_triton_matches_torch_op(k4, gen, fmt, act):
+def test_fp4_linear_triton_matches_torch_op(k4, gen, fmt, act, M):
     d = _fp4_weights(fmt, 48, 128, gen)
-    x = torch.randn(17, 128, generator=gen).to(BF16)
-    out = k4.fp4_linear_triton(x, d["packed"], d["bs"], d["inv"], d["ws8"], d["ws16"], fmt, act, None, FP32)
-    ref = ops_float.fp4_linear_torch(x, d["packed"], d["bs"], d["inv"], d["ws8"], d["ws16"], None, fmt, act, FP32)
+    x = torch.randn(M, 128, generator=gen).to(BF16)
+    bias = torch.randn(48, generator=gen).to(BF16)
+    out = k4.fp4_linear_triton(x, d["packed"], d["bs"], d["inv"], d["ws8"], d["ws16"], fmt, act, bias, FP32)
+    ref = ops_float.fp4_linear_torch(x, d["packed"], d["bs"], d["inv"], d["ws8"], d["ws16"], bias, fmt, act, FP32)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 

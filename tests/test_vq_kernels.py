@@ -36,6 +36,9 @@ def interp() -> ModuleType:
     mod = load_interpreted("vq_gemm.py")
     if not mod.interpreted():
         pytest.skip("this Triton did not honour TRITON_INTERPRET=1 at decoration time")
+    gemm8 = load_interpreted("gemm8.py")  # the large-M fp8 path: gather into the scratch, then the 8-bit GEMM
+    gemm8._tiles = load_interpreted("fp8_gemm.py")
+    mod._expand, mod._gemm8 = load_interpreted("w4_expand.py"), gemm8
     return mod
 
 
@@ -105,7 +108,7 @@ def test_bf16_codebook_and_fp16_input(interp, gen):
 
 
 @pytest.mark.parametrize("bits,k", [(8, 256), (12, 4096)], ids=["vq2", "vq3"])
-@pytest.mark.parametrize("M", [1, 33])
+@pytest.mark.parametrize("M", [1, 33, 70])  # 70: above LARGE_M, the gather + 8-bit GEMM path
 def test_fp8_variant(interp, gen, M, bits, k):
     d = _inputs(gen, M, 40, 96, bits, k, FP32)
     cq, cscale = interp.quantize_codebook_fp8(d["codebook"])
