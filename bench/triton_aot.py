@@ -116,6 +116,10 @@ def _t(shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype)
 
 
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tuple[str, object, tuple, dict]]:
     from lowbit_engine.kernels import gemm8, quant8, w4_expand
 
@@ -145,6 +149,17 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
         args = (a, _t((N, K // 2), u8), s1, s1, _t((N,)), ws, 16, N, K, K // 6)
         kw = dict(FMT=code, HW_CVT=True, GROUP=g, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
         out.append((f"direct {fmt} M=16", w4_expand._direct_kernel, args, kw))
+    for is_int in (False, True):
+        ws = _t((6, 16, N), torch.int32 if is_int else torch.float32)
+        args = (ws, _t((16,)), _t((N,)), _t((16, R)), _t((N, R), bf), _t((N,), bf), _t((16, N), bf), 16, N, R, 6)
+        kw = dict(IS_INT=is_int, HAS_LORA=True, EMULATE_16BIT_DOT=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128,
+                  BLOCK_R=32, num_warps=4)
+        out.append((f"finish {'int32' if is_int else 'fp32'} M=16", w4_expand._finish_kernel, args, kw))
+    from lowbit_engine.kernels import fp8_gemm
+
+    args = (_t((M, K), bf), _t((M, K), u8), _t((M,)), K)
+    out.append(("fp8 rowwise quantizer", fp8_gemm._quantize_fp8_rowwise_kernel, args,
+                dict(BLOCK_K=triton_next_pow2(K), num_warps=4)))
     for mode in ("int8", "fp8"):
         x = _t((M, K), bf)
         q = _t((M, K), u8)

@@ -100,7 +100,10 @@ def _gemm8_kernel(
             else:
                 a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
                 b = tl.load(w_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
-        acc = tl.dot(a, b, acc)
+        if IS_INT8:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton 3.6 does not infer it from acc
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 

@@ -194,8 +194,12 @@ def _direct_kernel(a_ptr, w_ptr, s1_ptr, s2_ptr, rowinv_ptr, ws_ptr, M, N, K, K_
             a_hi = tl.load(a_rows + ke[:, None] + 1, mask=amask, other=0.0)
         w_lo, w_hi = _decode_halves(w_ptr, s1_ptr, s2_ptr, rowinv_ptr, rows, k0, K, mask_n, k_end, FMT, HW_CVT,
                                     GROUP, BLOCK_N, BLOCK_K)
-        acc = tl.dot(w_lo, a_lo, acc)
-        acc = tl.dot(w_hi, a_hi, acc)
+        if FMT == 1:  # int32 accumulate, said explicitly (Triton 3.6 does not infer it from acc)
+            acc = tl.dot(w_lo, a_lo, acc, out_dtype=tl.int32)
+            acc = tl.dot(w_hi, a_hi, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(w_lo, a_lo, acc)
+            acc = tl.dot(w_hi, a_hi, acc)
     ptrs = ws_ptr + (pid_s.to(tl.int64) * M + offs_m[None, :]) * N + rows[:, None]
     tl.store(ptrs, acc, mask=mask_m[None, :] & mask_n[:, None])
 

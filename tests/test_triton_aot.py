@@ -1,0 +1,66 @@
+"""The Triton kernels of the 8-bit path compile for sm_90a here, without a GPU, into the code they are meant to be.
+
+bench/triton_aot.py binds each kernel to stand-in tensors of real shapes (so the specialization matches a
+real launch) and compiles it with this machine's Triton for Hopper. These tests fail when a kernel stops
+compiling for the target, spills registers to local memory, or loses what makes it fast: the wgmma
+instructions (QGMMA for fp8, IGMMA for int8) in the main loop, and the cp.async pipelining of the 8-bit
+GEMM. They say nothing about speed; the GPU run does (bench/hopper_step1.sh).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import triton_aot  # noqa: E402
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import make_backend
+
+        make_backend(GPUTarget("cuda", 90, 32))
+        return True
+    except Exception:  # noqa: BLE001  (a Triton without the NVIDIA backend: nothing to compile for)
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="this Triton has no NVIDIA backend")
+
+CASES = {name: (k, a, kw) for name, k, a, kw in triton_aot.cases()}
+MAIN_LOOP_MMA = {"fp8": "QGMMA", "int8": "IGMMA", "f8l": "QGMMA", "i8q": "IGMMA", "nvfp4": "QGMMA",
+                 "mxfp4": "QGMMA"}
+
+
+def _compile(name: str) -> triton_aot.Report:
+    kernel, args, kwargs = CASES[name]
+    ck = triton_aot.compile_kernel(kernel, args, kwargs, 90)
+    rep = triton_aot.sass_report(name, ck.asm["cubin"])
+    assert rep.local_bytes == 0 and rep.stack_bytes == 0, f"{name}: spills ({rep.stack_bytes} B stack)"
+    return rep
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("gemm8")])
+def test_gemm8_is_a_pipelined_wgmma_loop(name):
+    rep = _compile(name)
+    mma = MAIN_LOOP_MMA[name.split()[1]]
+    assert rep.loop_census.get(mma, 0) >= 4, rep.loop_census
+    assert rep.loop_census.get("LDGSTS", 0) > 0, "the loads are not pipelined through cp.async"
+    # the loop is the MMAs plus their feeding: a decode or a promotion left in it would show here
+    assert rep.loop_instructions < 160, rep.loop_instructions
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("direct")])
+def test_direct_kernels_multiply_on_wgmma(name):
+    rep = _compile(name)
+    assert rep.loop_census.get(MAIN_LOOP_MMA[name.split()[1]], 0) >= 2, rep.loop_census
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith(("expand", "finish", "quant8", "fp8 rowwise"))])
+def test_other_kernels_compile_without_spills(name):
+    _compile(name)
