@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from . import _dispatch, ops
+from . import _dispatch, ops, ops_w4a8
 from ._build_info import build_info
-from .formats import int4
+from .formats import int4, w4_layouts
 
 # FLUX.1 at 1024x1024: 4608 image+text tokens; (K, N) of its linear layers.
 FLUX_KN = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
@@ -138,6 +138,8 @@ def _inputs(M: int, K: int, N: int, device: str, gen: torch.Generator) -> dict[s
         "x": x.to(dt), "w": w.to(dt), "bias": r(N).to(dt), "w4": int4.pack(qw), "w4_scales": sw,
         "smooth": torch.rand(K, generator=gen, device=device) + 0.5,
         "lora_down": (r(RANK, K) / math.sqrt(K)).to(dt), "lora_up": (r(N, RANK) * 0.02).to(dt),
+        # the promotion-free layouts (quantized where the weights are: on the GPU in a GPU run)
+        "f8l": w4_layouts.quantize(w, "f8l"), "i8q": w4_layouts.quantize(w, "i8q"),
     }
 
 
@@ -234,6 +236,61 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     if on_gpu and pre_f is not None:
         cases.append(Case("gemm_w4a8fp8_r32_split", flops, w4a8_bytes, _with_env(
             lambda i: torch.ops.lowbit.gemm_w4a8(*w4a8f_args(i)), LOWBIT_GEMM_W4_SM90_SCHEDULE="split"), "gemm_w4a8"))
+
+    # The promotion-free path (docs/kernels.md, "The 8-bit path"): the 8-bit GEMM alone on an expanded
+    # weight, the expand alone, the W4A8 ops (expand + GEMM above 64 tokens, the direct kernel at or
+    # below), the quantizers (Triton, and the CUDA one for comparison), and the whole linear.
+    for layout, mode in (("f8l", "fp8"), ("i8q", "int8")):
+        qargs = (lambda i, mode=mode: (sets[i]["x"], sets[i]["smooth"], sets[i]["lora_down"], mode))
+        if not _runs_natively("quantize_act", qargs(0)):
+            continue
+        toks = [ops.quantize_act(*qargs(i)) for i in range(len(sets))]
+        wb = [s[layout] for s in sets]
+        s2 = "wzeros" if layout == "i8q" else None
+        op_args = (lambda i, layout=layout, toks=toks, wb=wb, s2=s2: (
+            toks[i][0], toks[i][1], wb[i]["qweight"], wb[i]["wscales"], *((wb[i][s2],) if s2 else ()),
+            wb[i]["wrow"], toks[i][2], sets[i]["lora_up"], sets[i]["bias"], torch.bfloat16))
+        op_name = f"gemm_w4a8_{layout}"
+        op_fn = getattr(torch.ops.lowbit, op_name)
+        if not _runs_natively(op_name, op_args(0)):
+            continue
+        w_bytes_l = N * K / 2 + N * K / 64 * (1 if layout == "f8l" else 2) + 4 * N + bf * N * RANK + bf * N
+        tok_bytes = M * K + 4 * M + 4 * M * RANK
+        cases.append(Case(f"gemm_w4a8_{layout}_r32", flops, tok_bytes + w_bytes_l + out_b,
+                          lambda i, f=op_fn, a=op_args: f(*a(i)), op_name, op_args))
+        if on_gpu:
+            from .kernels import gemm8, w4_expand
+
+            w8 = []
+            for i in range(len(sets)):
+                b = wb[i]
+                w8.append(w4_expand.expand_triton(layout, b["qweight"], b["wscales"], b.get("wzeros")))
+            cases.append(Case(f"expand_{layout}", 0.0, N * K / 2 + N * K / 64 * 2 + N * K,
+                              lambda i, L=layout, wb=wb, s2=s2: w4_expand.expand_triton(
+                                  L, wb[i]["qweight"], wb[i]["wscales"], wb[i][s2] if s2 else None,
+                                  out=w4_expand.scratch.get(N * K, wb[i]["qweight"].device).view(
+                                      torch.int8 if L == "i8q" else torch.float8_e4m3fn).view(N, K))))
+            cases.append(Case(f"gemm8_{'int8' if layout == 'i8q' else 'fp8'}_r32", flops,
+                              tok_bytes + N * K + 4 * N + bf * N * RANK + bf * N + out_b,
+                              lambda i, w8=w8, toks=toks, wb=wb: gemm8.gemm8_triton(
+                                  toks[i][0], toks[i][1], w8[i], wb[i]["wrow"], toks[i][2], sets[i]["lora_up"],
+                                  sets[i]["bias"], torch.bfloat16)))
+            if "cuda" in ops.backends("quantize_act"):
+                cases.append(Case(f"quantize_act_{mode}_r32_cuda", 2.0 * M * K * RANK, bf * M * K + M * K + 4 * M
+                                  + 4 * M * RANK, _with_env(lambda i, a=qargs: ops.quantize_act(*a(i)),
+                                                            LOWBIT_QUANTIZE_ACT_KERNEL="cuda"), "quantize_act"))
+
+        def linear(i, layout=layout, mode=mode, wb=wb, s2=s2, f=op_fn):
+            d = sets[i]
+            q, s, la = ops.quantize_act(d["x"], d["smooth"], d["lora_down"], mode)
+            b = wb[i]
+            return f(q, s, b["qweight"], b["wscales"], *((b[s2],) if s2 else ()), b["wrow"], la, d["lora_up"],
+                     d["bias"], torch.bfloat16)
+
+        cases.append(Case(f"svdq_w4a8_{layout}_linear_r32", flops, bf * M * K + w_bytes_l + out_b, linear, op_name))
+        if on_gpu and "cuda" in ops.backends("quantize_act"):
+            cases.append(Case(f"svdq_w4a8_{layout}_linear_r32_cudaquant", flops, bf * M * K + w_bytes_l + out_b,
+                              _with_env(linear, LOWBIT_QUANTIZE_ACT_KERNEL="cuda"), op_name))
 
     def svdq_linear(i, mode):
         d = sets[i]

@@ -12,7 +12,9 @@ from lowbit_engine import benchmark, cli
 EXPECTED_KERNELS = {"torch_matmul_bf16", "quantize_act_int4_r32", "quantize_act_int8_r32", "gemm_w4a4_r32",
                     "gemm_w4a8_r32", "gemm_w4a8fp8_r32",
                     "svdq_w4a4_linear_r32", "svdq_w4a8_linear_r32", "svdq_w4a8fp8_linear_r32", "fp8_linear_dynamic", "nvfp4_linear_fp8",
-                    "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
+                    "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only",
+                    # the promotion-free layouts (the expand / gemm8 / CUDA-quantizer rows exist on a GPU only)
+                    "gemm_w4a8_f8l_r32", "gemm_w4a8_i8q_r32", "svdq_w4a8_f8l_linear_r32", "svdq_w4a8_i8q_linear_r32"}
 FLOAT_KERNELS = {"fp8_linear_dynamic", "nvfp4_linear_fp8", "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
 
 
@@ -47,8 +49,8 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert cli.main(["bench", "kernels", "--device", "cpu", "--repeat", "1", "--kernels", "gemm", "--out",
                      str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["results"] and {r["kernel"] for r in data["results"]} == {"gemm_w4a4_r32", "gemm_w4a8_r32",
-                                                                         "gemm_w4a8fp8_r32"}
+    assert data["results"] and {r["kernel"] for r in data["results"]} == {
+        "gemm_w4a4_r32", "gemm_w4a8_r32", "gemm_w4a8fp8_r32", "gemm_w4a8_f8l_r32", "gemm_w4a8_i8q_r32"}
     assert "wrote" in capsys.readouterr().out
 
 

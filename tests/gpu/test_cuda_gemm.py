@@ -175,13 +175,16 @@ def test_misaligned_activation_view_is_a_clear_error():
 
 
 @pytest.mark.parametrize("fmt", ["svdq-int4", "svdq-w4a8"])
-def test_svdq_linear_runs_the_cuda_kernels(fmt):
+def test_svdq_linear_runs_the_cuda_kernels(fmt, monkeypatch):
+    """The g64 layout on the CUDA kernels: its GEMMs, and the CUDA quantizer (the Triton one is the
+    default for 8-bit tokens; tests/gpu/test_w4a8_triton.py covers it)."""
     import lowbit_engine as engine
 
+    monkeypatch.setenv("LOWBIT_QUANTIZE_ACT_KERNEL", "cuda")
     torch.manual_seed(0)
     lin = torch.nn.Linear(512, 384, dtype=BF)
     calib = torch.randn(64, 512, dtype=BF)
-    q = engine.quantize_linear(lin, fmt, calib=calib, rank=32).cuda()
+    q = engine.quantize_linear(lin, fmt, calib=calib, rank=32, weight_layout="g64").cuda()
     x = torch.randn(3, 41, 512, dtype=BF)
     with ops.record_backends() as used:
         y = q(x.cuda())
