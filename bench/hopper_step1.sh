@@ -7,7 +7,7 @@
 #
 # What it writes under $OUT (each comes back from the device tool; commit the JSON to bench/results/):
 #   step1.txt                the log and the table;  build.log
-#   pytest_w4a8.log          tests/gpu/test_w4a8_triton.py (+ the layout-dependent GPU tests)
+#   pytest_w4a8.log          tests/gpu/test_w4a8_gpu.py (+ the layout-dependent GPU tests)
 #   kernels-step1.json       the harness report (M = 4608, 256, 16 on the six FLUX shapes)
 #   step1-summary.json       bench/summarize_step1.py of it: medians, minimum / target met or missed
 #   autotune.json            the gemm8 tile search at M = 4608 (LOWBIT_AUTOTUNE cache), when it ran
@@ -41,8 +41,8 @@ rm -f lowbit_engine/_C*.so
 build_pid=$!
 
 # 2. the GPU tests of the new path (Triton only: they need no native module)
-log "GPU tests: tests/gpu/test_w4a8_triton.py"
-timeout 240 python3 -m pytest -q -m gpu tests/gpu/test_w4a8_triton.py -p no:cacheprovider >"$OUT/pytest_w4a8.log" 2>&1
+log "GPU tests: tests/gpu/test_w4a8_gpu.py"
+timeout 240 python3 -m pytest -q -m gpu tests/gpu/test_w4a8_gpu.py -p no:cacheprovider >"$OUT/pytest_w4a8.log" 2>&1
 log "pytest rc=$?"
 tail -3 "$OUT/pytest_w4a8.log" | tee -a "$OUT/step1.txt"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_w4a8.log" | head -20 | tee -a "$OUT/step1.txt"

@@ -24,7 +24,7 @@ The fp32 -> e4m3 cast: compiled kernels use the hardware conversion (``cvt.rn.sa
 RNE; the values are clamped to +-448 first, so saturation never acts); the Triton interpreter's cast is
 wrong (it rounds ties away and mis-rounds some values by a binade), so under the interpreter (``HW_CVT``
 false) the same RNE is written out on the fp32 bit pattern. Both give the reference's bytes; the CPU tests
-check the written-out one, the GPU tests (tests/gpu/test_w4a8_triton.py) the hardware one.
+check the written-out one, the GPU tests (tests/gpu/test_w4a8_gpu.py) the hardware one.
 
 CPU: as the other Triton modules, the tests run a private interpreted copy; only ``triton.language``
 builtins and this module's own ``@triton.jit`` helpers are called inside kernels.

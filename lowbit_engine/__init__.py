@@ -22,7 +22,8 @@ from .checkpoint import load_checkpoint
 from .integrations import last_report, load, save
 from . import lora  # engine.lora.load / set_strength / swap / unload
 from .nn import SVDQLinear
+from .nn.svdq_linear import convert_weight_layouts
 from .quantize import quantize_linear
 
 __all__ = ["build_info", "load", "save", "last_report", "lora", "quantize_linear", "load_checkpoint", "SVDQLinear",
-           "__version__"]
+           "convert_weight_layouts", "__version__"]

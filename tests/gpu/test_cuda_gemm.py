@@ -177,7 +177,7 @@ def test_misaligned_activation_view_is_a_clear_error():
 @pytest.mark.parametrize("fmt", ["svdq-int4", "svdq-w4a8"])
 def test_svdq_linear_runs_the_cuda_kernels(fmt, monkeypatch):
     """The g64 layout on the CUDA kernels: its GEMMs, and the CUDA quantizer (the Triton one is the
-    default for 8-bit tokens; tests/gpu/test_w4a8_triton.py covers it)."""
+    default for 8-bit tokens; tests/gpu/test_w4a8_gpu.py covers it)."""
     import lowbit_engine as engine
 
     monkeypatch.setenv("LOWBIT_QUANTIZE_ACT_KERNEL", "cuda")
