@@ -139,7 +139,7 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
         g = w4_expand.GROUPS[code]
         s1 = _t((N, K // g), u8)
         args = (_t((N, K // 2), u8), s1, s1, _t((N,)), _t((N, K), u8), N, K)
-        kw = dict(FMT=code, HW_CVT=True, GROUP=g, BLOCK_N=32, BLOCK_K=256, num_warps=4)
+        kw = dict(FMT=code, HW_CVT=True, GROUP=g, BLOCK_N=32, BLOCK_K=256, EVEN=True, num_warps=4)
         out.append((f"expand {fmt}", w4_expand._expand_kernel, args, kw))
     for fmt, code in w4_expand.FMTS.items():
         g = w4_expand.GROUPS[code]
@@ -147,7 +147,8 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
         a = _t((16, K), i8 if code == w4_expand.FMT_I8Q else e4)
         ws = _t((6, 16, N), torch.int32 if code == w4_expand.FMT_I8Q else torch.float32)
         args = (a, _t((N, K // 2), u8), s1, s1, _t((N,)), ws, 16, N, K, K // 6)
-        kw = dict(FMT=code, HW_CVT=True, GROUP=g, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+        kw = dict(FMT=code, HW_CVT=True, GROUP=g, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN=True, num_warps=4,
+                  num_stages=3)
         out.append((f"direct {fmt} M=16", w4_expand._direct_kernel, args, kw))
     for is_int in (False, True):
         ws = _t((6, 16, N), torch.int32 if is_int else torch.float32)

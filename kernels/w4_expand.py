@@ -111,28 +111,38 @@ def _decode_codes(c, s1, s2, rinv, FMT: tl.constexpr, HW_CVT: tl.constexpr):
 @triton.jit
 def _decode_halves(w_ptr, s1_ptr, s2_ptr, rowinv_ptr, rows, k0, K, mask_n, k_limit,
                    FMT: tl.constexpr, HW_CVT: tl.constexpr, GROUP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     """The 8-bit weights of rows ``rows`` and columns ``k0 .. k0 + BLOCK_K`` (columns at or past ``k_limit``
     zero), as two ``[BLOCK_N, BLOCK_K / 2]`` tiles: the even k (low nibbles) and the odd k (high nibbles).
 
     Each packed byte is loaded once (``[BLOCK_N, BLOCK_K / 2]``), each group scale once (``[BLOCK_N,
     groups]``, broadcast over its group's bytes). Keeping the halves apart spares the interleave: a GEMM
-    takes the even and the odd token columns against them (the order of k inside a sum is free)."""
+    takes the even and the odd token columns against them (the order of k inside a sum is free).
+    ``EVEN``: every row and column of the tile exists, so the loads go without masks (predicated byte loads
+    cannot be vectorized: with masks the loads alone cost more instructions than the decode)."""
     G: tl.constexpr = BLOCK_K // GROUP
     GB: tl.constexpr = GROUP // 2
     HALF: tl.constexpr = BLOCK_K // 2
     rows64 = rows.to(tl.int64)
     kb = k0 // 2 + tl.arange(0, HALF)
-    bmask = mask_n[:, None] & (kb * 2 < k_limit)[None, :]
-    byte = tl.load(w_ptr + rows64[:, None] * (K // 2) + kb[None, :], mask=bmask, other=0).to(tl.int32)
     g = tl.arange(0, G)
+    bptrs = w_ptr + rows64[:, None] * (K // 2) + kb[None, :]
     sidx = rows64[:, None] * (K // GROUP) + (k0 // GROUP) + g[None, :]
-    smask = mask_n[:, None] & ((k0 + g * GROUP) < k_limit)[None, :]
-    s1 = tl.reshape(tl.broadcast_to(tl.load(s1_ptr + sidx, mask=smask, other=0)[:, :, None], (BLOCK_N, G, GB)),
-                    (BLOCK_N, HALF))
+    if EVEN:
+        byte = tl.load(bptrs).to(tl.int32)
+        s1g = tl.load(s1_ptr + sidx)
+        if FMT == 1:
+            s2g = tl.load(s2_ptr + sidx)
+    else:
+        bmask = mask_n[:, None] & (kb * 2 < k_limit)[None, :]
+        byte = tl.load(bptrs, mask=bmask, other=0).to(tl.int32)
+        smask = mask_n[:, None] & ((k0 + g * GROUP) < k_limit)[None, :]
+        s1g = tl.load(s1_ptr + sidx, mask=smask, other=0)
+        if FMT == 1:
+            s2g = tl.load(s2_ptr + sidx, mask=smask, other=0)
+    s1 = tl.reshape(tl.broadcast_to(s1g[:, :, None], (BLOCK_N, G, GB)), (BLOCK_N, HALF))
     if FMT == 1:
-        s2 = tl.reshape(tl.broadcast_to(tl.load(s2_ptr + sidx, mask=smask, other=0)[:, :, None],
-                                        (BLOCK_N, G, GB)), (BLOCK_N, HALF))
+        s2 = tl.reshape(tl.broadcast_to(s2g[:, :, None], (BLOCK_N, G, GB)), (BLOCK_N, HALF))
     else:
         s2 = s1
     if FMT >= 2:
@@ -147,23 +157,25 @@ def _decode_halves(w_ptr, s1_ptr, s2_ptr, rowinv_ptr, rows, k0, K, mask_n, k_lim
 @triton.jit
 def _expand_kernel(w_ptr, s1_ptr, s2_ptr, rowinv_ptr, out_ptr, N, K,
                    FMT: tl.constexpr, HW_CVT: tl.constexpr, GROUP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     """One ``[BLOCK_N, BLOCK_K]`` tile of ``w8 [N, K]`` in k order (int8, or e4m3 through a uint8 view)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     mask_n = rows < N
     lo, hi = _decode_halves(w_ptr, s1_ptr, s2_ptr, rowinv_ptr, rows, k0, K, mask_n, K, FMT, HW_CVT, GROUP,
-                            BLOCK_N, BLOCK_K)
+                            BLOCK_N, BLOCK_K, EVEN)
     w8 = tl.reshape(tl.join(lo.to(tl.uint8, bitcast=True), hi.to(tl.uint8, bitcast=True)), (BLOCK_N, BLOCK_K))
     ks = k0 + tl.arange(0, BLOCK_K)
-    mask = mask_n[:, None] & (ks < K)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], w8, mask=mask)
+    if EVEN:
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], w8)
+    else:
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], w8, mask=mask_n[:, None] & (ks < K)[None, :])
 
 
 @triton.jit
 def _direct_kernel(a_ptr, w_ptr, s1_ptr, s2_ptr, rowinv_ptr, ws_ptr, M, N, K, K_PER_SPLIT,
                    FMT: tl.constexpr, HW_CVT: tl.constexpr, GROUP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
     """Partial sums of the ``[BLOCK_N weights, BLOCK_M tokens]`` tile ``w8 @ a^T`` over split
     ``program_id(1)``'s K range, decoding the 4-bit weights in registers: the decoded halves are the MMAs'
     A operands, the even and odd token columns their B operands. Written transposed to ``ws [splits, M, N]``
@@ -175,25 +187,26 @@ def _direct_kernel(a_ptr, w_ptr, s1_ptr, s2_ptr, rowinv_ptr, ws_ptr, M, N, K, K_
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = rows < N
-    even = 2 * tl.arange(0, HALF)
     k_begin = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)  # a split need not be a whole number of BLOCK_K steps
     if FMT == 1:
         acc = tl.full((BLOCK_N, BLOCK_M), 0, tl.int32)
     else:
         acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-    a_rows = a_ptr + offs_m.to(tl.int64)[None, :] * K
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * K
+    offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        ke = k0 + even
-        amask = mask_m[None, :] & (ke < k_end)[:, None]
+        ks = k0 + offs_k
+        amask = mask_m[:, None] & (ks < k_end)[None, :]
         if FMT == 1:
-            a_lo = tl.load(a_rows + ke[:, None], mask=amask, other=0)       # [HALF, BLOCK_M]: even k
-            a_hi = tl.load(a_rows + ke[:, None] + 1, mask=amask, other=0)   # odd k
+            a = tl.load(a_rows + ks[None, :], mask=amask, other=0)  # [BLOCK_M, BLOCK_K], one contiguous load
         else:
-            a_lo = tl.load(a_rows + ke[:, None], mask=amask, other=0.0)
-            a_hi = tl.load(a_rows + ke[:, None] + 1, mask=amask, other=0.0)
+            a = tl.load(a_rows + ks[None, :], mask=amask, other=0.0)
+        a_lo, a_hi = tl.split(tl.reshape(a, (BLOCK_M, HALF, 2)))   # the even and the odd k
+        a_lo = tl.trans(a_lo)  # [HALF, BLOCK_M]
+        a_hi = tl.trans(a_hi)
         w_lo, w_hi = _decode_halves(w_ptr, s1_ptr, s2_ptr, rowinv_ptr, rows, k0, K, mask_n, k_end, FMT, HW_CVT,
-                                    GROUP, BLOCK_N, BLOCK_K)
+                                    GROUP, BLOCK_N, BLOCK_K, EVEN)
         if FMT == 1:  # int32 accumulate, said explicitly (Triton 3.6 does not infer it from acc)
             acc = tl.dot(w_lo, a_lo, acc, out_dtype=tl.int32)
             acc = tl.dot(w_hi, a_hi, acc, out_dtype=tl.int32)
@@ -319,22 +332,26 @@ def expand_triton(fmt: str, w: Tensor, s1: Tensor, s2: Tensor | None = None, row
         _expand_kernel[grid](w, s1.view(torch.uint8), (s2 if s2 is not None else s1).view(torch.uint8),
                              row_inv if row_inv is not None else w, out.view(torch.uint8), N, K,
                              FMT=code, HW_CVT=not interpreted(), GROUP=GROUPS[code], BLOCK_N=bn, BLOCK_K=bk,
+                             EVEN=N % bn == 0 and K % bk == 0,
                              num_warps=1 if interpreted() else 4)
     return out
 
 
 def split_k_for(n_tiles: int, K: int, block_k: int, sms: int = H100_SMS, waves: int = 2) -> int:
     """Splits of K so that ``n_tiles * splits`` programs make at least ``waves`` waves over ``sms`` SMs:
-    equal splits of whole 64-column groups, none shorter than ``2 * block_k`` (one split when K is short).
+    equal splits of whole ``block_k`` steps (of 64-column groups when K is not a multiple of ``block_k``),
+    none shorter than ``2 * block_k`` (one split when K is short).
 
     Example:
         >>> split_k_for(48, 3072, 128), split_k_for(288, 3072, 128), split_k_for(48, 15360, 128)
         (6, 1, 6)
     """
     groups = max(1, K // 64)
+    # equal splits of whole BLOCK_K steps when K allows (the kernel then runs without masks), else of groups
+    unit = K // block_k if K % block_k == 0 else groups
     want = max(1, -(-waves * sms // n_tiles))
     splits = max(1, min(want, K // (2 * block_k)))
-    while groups % splits:  # equal splits of whole groups
+    while unit % splits:
         splits -= 1
     return splits
 
@@ -384,7 +401,7 @@ def direct_triton(fmt: str, a: Tensor, sa: Tensor, w: Tensor, s1: Tensor, s2: Te
             a, w, s1.view(torch.uint8), (s2 if s2 is not None else s1).view(torch.uint8),
             row_inv if row_inv is not None else sw, ws, M, N, K, K // splits,
             FMT=code, HW_CVT=not interpreted(), GROUP=GROUPS[code], BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k,
+            BLOCK_K=block_k, EVEN=N % block_n == 0 and (K // splits) % block_k == 0,
             num_warps=warps, num_stages=1 if interpreted() else 3)
         fin_n = 32 if interpreted() else 128
         block_r = max(16, triton.next_power_of_2(max(R, 1))) if R else 16

@@ -242,7 +242,8 @@ def test_gemm8_rejects_bad_input(k, gen):
 
 @pytest.mark.parametrize("fmt", ["f8l", "i8q"])
 @pytest.mark.parametrize("M, N, K, R, splits", [(1, 48, 64, 0, 1), (17, 70, 320, 16, 5), (64, 33, 384, 40, 3),
-                                                (5, 40, 1024, 32, None)])
+                                                (5, 40, 1024, 32, None),
+                                                (16, 64, 512, 16, 2)])  # whole tiles: the unmasked path
 @pytest.mark.parametrize("out_dtype", [FP32, BF])
 def test_direct_matches_float64(k, gen, fmt, M, N, K, R, splits, out_dtype):
     d = _w8_inputs(fmt, gen, M, N, K, R)
