@@ -295,6 +295,12 @@ class _Scratch:
         with self._lock:
             buf = self._buffers.get(key)
             if buf is None or buf.numel() < numel:
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    # an allocation here would come from the graph's private pool and outlive it
+                    raise RuntimeError(
+                        f"lowbit: the 8-bit weight scratch of this stream holds {0 if buf is None else buf.numel()} "
+                        f"bytes, a layer needs {numel}: run the model once on this stream before capturing a "
+                        "CUDA graph (a warm-up call sizes the scratch)")
                 buf = torch.empty(numel, dtype=torch.uint8, device=device)
                 self._buffers[key] = buf
             return buf[:numel]

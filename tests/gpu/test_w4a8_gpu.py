@@ -268,3 +268,16 @@ def test_fp4_linear_on_the_8bit_path(fmt, M):
     ref = ops_float.fp4_linear_torch(x, q.qweight, q.block_scales, q.w_inv, q.w_scale_fp8, q.w_scale_bf16, q.bias,
                                      fmt, "fp8", FP32)
     _check(y.float(), ref, fp8_mma=True, out_dtype=BF)
+
+
+def test_capture_without_a_warm_up_says_what_to_do():
+    import lowbit_engine as engine
+
+    q = engine.quantize_linear(torch.nn.Linear(1024, 2048, dtype=BF), "svdq-w4a8", calib=torch.randn(64, 1024, dtype=BF),
+                               rank=16, alphas=(0.5,)).cuda()
+    x = torch.randn(256, 1024, dtype=BF, device="cuda")
+    stream = torch.cuda.Stream()  # a stream that never ran the layer: no scratch yet
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before capturing a CUDA graph"):
+        with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+            q(x)
