@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: build for sm_90a (+ sm_80), run the GPU tests and the kernel benchmarks,
-# and leave logs and JSON under $OUT (default ./out). Run from the repository root:
+# and leave logs and JSON under $OUT (default ./out). With a 15-minute device budget, run
+# bench/hopper_step1.sh first (the promotion-free path's tests and numbers, ~6 minutes), then this with
+# GPU_CHECK_SKIP_BENCH=1 (its harness would repeat step 1's rows). Run from the repository root:
 #   bash bench/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
 #   GPU_CHECK_MICROBENCH=0 ...        # skip the sm90 schedule microbenchmark (on by default with 90a)
