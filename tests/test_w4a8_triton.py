@@ -184,7 +184,8 @@ def _ref(fmt, d):
 
 
 @pytest.mark.parametrize("fmt", ["f8l", "i8q"])
-@pytest.mark.parametrize("M, N, K, R", [(65, 48, 64, 0), (111, 80, 192, 16), (70, 33, 320, 40)])
+@pytest.mark.parametrize("M, N, K, R", [(1, 48, 64, 0), (17, 33, 128, 8), (65, 48, 64, 0), (111, 80, 192, 16),
+                                        (70, 33, 320, 40)])
 @pytest.mark.parametrize("out_dtype", [FP32, BF])
 def test_gemm8_matches_float64(k, gen, fmt, M, N, K, R, out_dtype):
     d = _w8_inputs(fmt, gen, M, N, K, R)
