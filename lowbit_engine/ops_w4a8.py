@@ -292,7 +292,7 @@ def _prefer_triton_quantizer() -> None:
 def run_triton(fmt: str, act: Tensor, act_scales: Tensor, w: Tensor, s1: Tensor, s2: Tensor | None, row: Tensor,
                lora_act, lora_up, bias, out_dtype, *, small_m: int | None = None) -> Tensor:
     """The Triton path of either op: direct kernel at small M, else expand into the scratch + gemm8.
-    ``small_m`` overrides ``w4_expand.SMALL_M`` (benchmarks time both sides of the switch)."""
+    ``small_m`` overrides ``w4_expand.SMALL_M`` (to time both sides of the switch on one shape)."""
     from .kernels import gemm8, w4_expand
 
     M, K = act.shape
