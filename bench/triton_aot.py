@@ -168,6 +168,11 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
         kw = dict(IS_FP8=mode == "fp8", HAS_SMOOTH=True, HAS_LORA=True, EMULATE_16BIT_DOT=False, BLOCK_M=16,
                   BLOCK_K=256, BLOCK_R=32, num_warps=4, num_stages=2)
         out.append((f"quant8 {mode} smooth r{R}", quant8._quant8_kernel, args, kw))
+        args = (x, _t((2, K), bf), _t((2, K), bf), _t((K,)), _t((R, K), bf), q, _t((M,)), _t((M, R)), x, M, K, R,
+                M // 2, 1e-6)
+        kw = dict(IS_FP8=mode == "fp8", HAS_SMOOTH=True, HAS_LORA=True, STORE_Y=False, EMULATE_16BIT_DOT=False,
+                  BLOCK_M=16, BLOCK_K=256, BLOCK_R=32, num_warps=4, num_stages=2)
+        out.append((f"ln+modulate+quant8 {mode} r{R}", quant8._ln_mod_quant8_kernel, args, kw))
     return out
 
 

@@ -49,6 +49,24 @@ def _nan_max(a, b):
 
 
 @triton.jit
+def _round_to(v, x_ptr, EMULATE: tl.constexpr):
+    """fp32 ``v`` rounded to x's 16-bit dtype (RNE). The interpreter's own fp32 -> bf16 cast truncates, so
+    there bf16 is rounded on the bit pattern first (the cast of the result is then exact)."""
+    if EMULATE:
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            u = v.to(tl.int32, bitcast=True)
+            v = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return v.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _add(a, b):
+    """Combine of the row sums (``tl.sum`` is a jit function of triton.language: interpreted copies cannot
+    call it)."""
+    return a + b
+
+
+@triton.jit
 def _e4m3_bits(y):
     """fp32 ``y`` with |y| <= 448 -> e4m3 bits (int32), round to nearest even on the bit pattern."""
     u = y.to(tl.int32, bitcast=True)
@@ -170,3 +188,156 @@ def quantize_8bit_triton(x: Tensor, smooth: Tensor | None, lora_down: Tensor | N
             EMULATE_16BIT_DOT=interpreted(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=warps, num_stages=2 if not interpreted() else 1)
     return q, scales, lora_act
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry linears: LayerNorm + adaLN modulate + (smoothing, 8-bit quantization, lora-down) in one kernel
+
+
+@triton.jit
+def _ln_mod_quant8_kernel(
+    x_ptr, shift_ptr, scale_ptr, smooth_ptr, ld_ptr, q_ptr, qscale_ptr, la_ptr, y_ptr, M, K, R, T, eps,
+    IS_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, STORE_Y: tl.constexpr,
+    EMULATE_16BIT_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Rows ``BLOCK_M`` of ``x [M, K]`` (token m belongs to sample ``m // T``): three passes over K.
+
+    1. mean and variance of each row (fp32, chunk statistics merged as in Chan et al.: no cancellation);
+    2. ``y = round16((x - mean) * rstd * (1 + scale) + shift)``, the linear's input as the unfused path
+       would hold it in x's dtype; its amax after smoothing, and ``y @ lora_down^T`` on the MMA;
+    3. y again, quantized.
+    Passes 2 and 3 read the rows the first one just read (L2 hits): x crosses DRAM once.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < M
+    rows64 = rows.to(tl.int64)
+    sample = (rows // T).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+
+    # pass 1: row statistics
+    mean = tl.full((BLOCK_M,), 0.0, tl.float32)
+    m2 = tl.full((BLOCK_M,), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        xf = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                     other=0.0).to(tl.float32)
+        n_b = tl.reduce(mask_k.to(tl.float32), 0, _add)
+        mean_b = tl.reduce(xf, 1, _add) / n_b
+        d = tl.where(mask_k[None, :], xf - mean_b[:, None], 0.0)
+        m2_b = tl.reduce(d * d, 1, _add)
+        n_a = k0 * 1.0
+        n = n_a + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / n)
+        m2 = m2 + m2_b + delta * delta * (n_a * n_b / n)
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+
+    # pass 2: y, its smoothed amax, the lora-down
+    amax = tl.full((BLOCK_M,), 0.0, tl.float32)
+    lacc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        xf = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + sample[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + sample[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = _round_to((xf - mean[:, None]) * rstd[:, None] * (1.0 + sc) + sh, x_ptr, EMULATE_16BIT_DOT)
+        if STORE_Y:
+            tl.store(y_ptr + rows64[:, None] * K + ks[None, :], y, mask=mask)
+        if HAS_LORA:
+            ld = tl.load(ld_ptr + offs_r[None, :].to(tl.int64) * K + ks[:, None],
+                         mask=(offs_r < R)[None, :] & mask_k[:, None], other=0.0)
+            if EMULATE_16BIT_DOT:
+                lacc += tl.dot(y.to(tl.float32), ld.to(tl.float32), input_precision="ieee")
+            else:
+                lacc = tl.dot(y, ld, lacc)
+        ys = y.to(tl.float32)
+        if HAS_SMOOTH:
+            sm = tl.load(smooth_ptr + ks, mask=mask_k, other=1.0)
+            ys = tl.div_rn(ys, tl.broadcast_to(sm[None, :], (BLOCK_M, BLOCK_K)))
+        amax = _nan_max(amax, tl.reduce(tl.where(mask, tl.abs(ys), 0.0), 1, _nan_max))
+
+    if IS_FP8:
+        qs = tl.div_rn(amax, tl.full((BLOCK_M,), 448.0, tl.float32))
+    else:
+        qs = tl.div_rn(amax, tl.full((BLOCK_M,), 127.0, tl.float32))
+    finite = amax <= 3.4028234663852886e38
+    qs = tl.where(finite, qs, float("nan"))
+    use = finite & (qs > 0.0)
+    safe = tl.where(use, qs, 1.0)
+    tl.store(qscale_ptr + rows, qs, mask=mask_m)
+    if HAS_LORA:
+        tl.store(la_ptr + rows64[:, None] * R + offs_r[None, :], lacc, mask=mask_m[:, None] & (offs_r < R)[None, :])
+
+    # pass 3: quantize y
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        xf = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + sample[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + sample[:, None] * K + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        ys = _round_to((xf - mean[:, None]) * rstd[:, None] * (1.0 + sc) + sh, x_ptr, EMULATE_16BIT_DOT).to(tl.float32)
+        if HAS_SMOOTH:
+            sm = tl.load(smooth_ptr + ks, mask=mask_k, other=1.0)
+            ys = tl.div_rn(ys, tl.broadcast_to(sm[None, :], (BLOCK_M, BLOCK_K)))
+        v = tl.div_rn(ys, tl.broadcast_to(safe[:, None], (BLOCK_M, BLOCK_K)))
+        if IS_FP8:
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            bits = tl.where(use[:, None], _e4m3_bits(v), 0)
+        else:
+            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+            v = (v + 12582912.0) - 12582912.0
+            bits = tl.where(use[:, None], v.to(tl.int32), 0)
+        tl.store(q_ptr + rows64[:, None] * K + ks[None, :], (bits & 0xFF).to(tl.uint8), mask=mask)
+
+
+def norm_modulate_quantize_triton(
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float, smooth: Tensor | None, lora_down: Tensor | None, mode: str,
+    *, tokens_per_sample: int | None = None, return_y: bool = False,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The entry linear's input, normalized, modulated and quantized in one kernel.
+
+    ``x [M, K]`` bf16/fp16, M = B * T tokens (``tokens_per_sample`` = T, default M: one sample); ``shift``,
+    ``scale`` ``[B, K]`` in x's dtype (adaLN: ``y = LayerNorm(x) * (1 + scale) + shift``, LayerNorm without
+    affine). Returns ``(q, scales, lora_act)`` of :func:`quantize_8bit_triton` applied to ``y`` rounded to
+    x's dtype (and ``y`` itself with ``return_y``): the contract of
+    :func:`lowbit_engine.reference.norm_modulate_quantize`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"norm_modulate_quantize_triton: mode must be one of {MODES}, got {mode!r}")
+    M, K = x.shape
+    T = M if tokens_per_sample is None else tokens_per_sample
+    if T < 1 or M % T:
+        raise ValueError(f"norm_modulate_quantize_triton: {M} tokens are not a whole number of samples of {T}")
+    B = M // T
+    for name, t in (("shift", shift), ("scale", scale)):
+        if tuple(t.shape) != (B, K) or t.dtype != x.dtype or not t.is_contiguous():
+            raise ValueError(f"norm_modulate_quantize_triton: {name} must be contiguous {x.dtype} [{B}, {K}], got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    R = 0 if lora_down is None else lora_down.shape[0]
+    if R > MAX_RANK:
+        raise ValueError(f"norm_modulate_quantize_triton: rank {R} > {MAX_RANK}")
+    if not interpreted() and not x.is_cuda:
+        raise RuntimeError("norm_modulate_quantize_triton needs CUDA tensors (or the Triton interpreter)")
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn if mode == "fp8" else torch.int8, device=x.device)
+    scales = torch.empty(M, dtype=torch.float32, device=x.device)
+    lora_act = torch.empty(M, R, dtype=torch.float32, device=x.device)
+    y = torch.empty(M, K, dtype=x.dtype, device=x.device) if return_y else None
+    if interpreted():
+        block_m, block_k, warps = 16, 64, 1
+    else:
+        block_m, block_k, warps = 16, 256, 4
+    block_r = max(16, triton.next_power_of_2(max(R, 1)))
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        _ln_mod_quant8_kernel[(triton.cdiv(M, block_m),)](
+            x, shift, scale, smooth if smooth is not None else x, lora_down if R else x, q.view(torch.uint8), scales,
+            lora_act if R else scales, y if return_y else x, M, K, R, T, float(eps),
+            IS_FP8=mode == "fp8", HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0, STORE_Y=return_y,
+            EMULATE_16BIT_DOT=interpreted(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=warps, num_stages=2 if not interpreted() else 1)
+    return (q, scales, lora_act, y) if return_y else (q, scales, lora_act)

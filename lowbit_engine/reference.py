@@ -114,6 +114,46 @@ def quantize_act(
     return q, scales, lora_act
 
 
+def norm_modulate_quantize(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    mode: str = "int8",
+    tokens_per_sample: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """An entry linear's input in one op: adaLN ``y = LayerNorm(x) * (1 + scale) + shift`` (LayerNorm without
+    affine, in fp32), rounded to x's dtype once, then :func:`quantize_act` of ``y``.
+
+    ``x [M, K]`` bf16/fp16 with M = B * T (``tokens_per_sample`` = T, default M), ``shift`` / ``scale``
+    ``[B, K]``. Returns ``(q, scales, lora_act, y)``. The LayerNorm statistics are floating point (their
+    summation order is free); given ``y``, q, scales and lora_act are exactly :func:`quantize_act`'s.
+
+    Example:
+        >>> x = torch.randn(6, 64, dtype=torch.bfloat16)
+        >>> sh, sc = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)
+        >>> q, s, _, y = norm_modulate_quantize(x, sh, sc, 1e-6, tokens_per_sample=3)
+        >>> q.dtype, y.shape
+        (torch.int8, torch.Size([6, 64]))
+    """
+    M, K = x.shape
+    T = M if tokens_per_sample is None else tokens_per_sample
+    _require(T >= 1 and M % T == 0, "norm_modulate_quantize", f"{M} tokens are not whole samples of {T}")
+    B = M // T
+    xf = x.float()
+    mean = xf.mean(dim=1, keepdim=True)
+    var = (xf - mean).pow(2).mean(dim=1, keepdim=True)
+    norm = (xf - mean) * torch.rsqrt(var + eps)
+    sc = scale.float().repeat_interleave(T, dim=0)
+    sh = shift.float().repeat_interleave(T, dim=0)
+    _require(sc.shape == (M, K) and B * T == M, "norm_modulate_quantize", f"shift/scale must be [B={B}, K={K}]")
+    y = (norm * (1 + sc) + sh).to(x.dtype)
+    q, s, la = quantize_act(y, smooth=smooth, lora_down=lora_down, mode=mode)
+    return q, s, la, y
+
+
 # ---- GEMMs ------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,6 @@ def test_direct_kernels_multiply_on_wgmma(name):
     assert rep.loop_census.get(MAIN_LOOP_MMA[name.split()[1]], 0) >= 2, rep.loop_census
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n.startswith(("expand", "finish", "quant8", "fp8 rowwise"))])
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith(("expand", "finish", "quant8", "fp8 rowwise", "ln+"))])
 def test_other_kernels_compile_without_spills(name):
     _compile(name)

@@ -125,4 +125,16 @@ void register_cpu(py::module_& m) {
                                    DType(bias_dtype), ptr<void>(out), DType(out_dtype));
       },
       "W4A8 GEMM on I8Q weights (int8 tokens)");
+  m.def(
+      "cpu_norm_modulate_quantize",
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, int64_t T, uintptr_t shift, uintptr_t scale, float eps,
+         uintptr_t smooth, uintptr_t lora_down, int64_t R, int mode, uintptr_t q, uintptr_t scales,
+         uintptr_t lora_act, uintptr_t y) {
+        py::gil_scoped_release release;
+        lowbit::cpu::norm_modulate_quantize(ptr<const void>(x), DType(x_dtype), M, K, T, ptr<const void>(shift),
+                                            ptr<const void>(scale), eps, ptr<const float>(smooth),
+                                            ptr<const void>(lora_down), R, ActQuant(mode), ptr<void>(q),
+                                            ptr<float>(scales), ptr<float>(lora_act), ptr<void>(y));
+      },
+      "LayerNorm + adaLN modulate, rounded to x's dtype, then the activation quantizer");
 }

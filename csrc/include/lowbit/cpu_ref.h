@@ -42,6 +42,13 @@ void vq_gemm(const void* x, DType x_dtype, int64_t M, const uint8_t* codes, int 
              const void* codebook, DType codebook_dtype, int64_t k, int64_t d, const float* channel_scale,
              int64_t N, int64_t K, const void* bias, DType bias_dtype, void* out);
 
+// Entry linears (issue "Hopper speed, step 3"): y = LayerNorm(x) * (1 + scale) + shift rounded to x's dtype
+// (x [M, K] F16/BF16, shift/scale [M/T, K] same dtype, token m in sample m / T), written to y_out [M, K],
+// then quantize_act of y (arguments as quantize_act).
+void norm_modulate_quantize(const void* x, DType x_dtype, int64_t M, int64_t K, int64_t T, const void* shift,
+                            const void* scale, float eps, const float* smooth, const void* lora_down, int64_t R,
+                            ActQuant mode, void* q_out, float* scales_out, float* lora_act_out, void* y_out);
+
 // ---- promotion-free W4A8 (docs/formats.md: F8L, I8Q, 8-bit GEMM with row scales) ------------------
 
 // F8L codes uint8 [N, K/2] (sign-magnitude nibbles), gscales e4m3 bits [N, K/64] -> e4m3 bytes [N, K].
