@@ -311,17 +311,22 @@ class SVDQLinear(QuantizedLinearBase):
             return x.new_empty(*lead, self.out_features)
         lora_down = self.lora_down if self.rank else None
         act, act_scales, lora_act = ops.quantize_act(x2d, self.smooth, lora_down, self.act_mode)
+        out = self.gemm(act, act_scales, lora_act, out_dtype)
+        return out.reshape(*lead, self.out_features).to(in_dtype)
+
+    def gemm(self, act: Tensor, act_scales: Tensor, lora_act: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+        """The layer's GEMM on activations already quantized its way (``act_mode``, divided by ``smooth``) and
+        ``lora_act = x @ lora_down^T`` of the raw input: what a fused producer (e.g.
+        ``ops_fused.norm_modulate_quantize``) hands over instead of x. Returns ``[M, N]`` in ``out_dtype``."""
         lora = (lora_act, self.lora_up) if self.rank else (None, None)
         if self.weight_layout == "f8l":
-            out = ops_w4a8.gemm_w4a8_f8l(act, act_scales, self.qweight, self.wscales, self.wrow, *lora, self.bias,
-                                         out_dtype)
-        elif self.weight_layout == "i8q":
-            out = ops_w4a8.gemm_w4a8_i8q(act, act_scales, self.qweight, self.wscales, self.wzeros, self.wrow, *lora,
-                                         self.bias, out_dtype)
-        else:
-            gemm = ops.gemm_w4a4 if self.act_mode == "int4" else ops.gemm_w4a8
-            out = gemm(act, act_scales, self.qweight, self.wscales, *lora, self.bias, out_dtype)
-        return out.reshape(*lead, self.out_features).to(in_dtype)
+            return ops_w4a8.gemm_w4a8_f8l(act, act_scales, self.qweight, self.wscales, self.wrow, *lora, self.bias,
+                                          out_dtype)
+        if self.weight_layout == "i8q":
+            return ops_w4a8.gemm_w4a8_i8q(act, act_scales, self.qweight, self.wscales, self.wzeros, self.wrow, *lora,
+                                          self.bias, out_dtype)
+        gemm = ops.gemm_w4a4 if self.act_mode == "int4" else ops.gemm_w4a8
+        return gemm(act, act_scales, self.qweight, self.wscales, *lora, self.bias, out_dtype)
 
     # ---- size and repr ---------------------------------------------------------------------------
 
