@@ -1,0 +1,208 @@
+"""Fused FLUX.1 block forwards: the activation quantizer of every entry linear leaves the linear.
+
+An entry linear reads ``LayerNorm(x) * (1 + scale) + shift`` (adaLN): FLUX's fused QKV of both streams in a
+double block, the MLP's fc1 of both streams, and in a single block the fused QKV and ``proj_mlp``. Unfused,
+that input is written by the norm, read back by the quantizer, quantized and written again. The forwards
+here hand x and the modulation straight to ``lowbit::norm_modulate_quantize`` (lowbit_engine.ops_fused),
+which normalizes, modulates, smooths, quantizes and computes the lora-down in one pass, and then run the
+layer's GEMM on its output (:meth:`SVDQLinear.gemm`). Everything else is the block's own computation, in
+the same order, calling the same submodules (diffusers 0.42's ``FluxTransformerBlock`` /
+``FluxSingleTransformerBlock`` and ``FluxAttnProcessor``).
+
+A linear is fused when it is an :class:`~lowbit_engine.nn.SVDQLinear` with 8-bit tokens (the i8q / f8l
+layouts, or g64 with int8 / fp8 tokens) of x's dtype; any other entry linear (bf16, W4A4 int4 tokens,
+another module type) gets the unfused input, computed exactly as diffusers computes it. A block whose
+attention uses another processor (IP-Adapter) or gets ``joint_attention_kwargs`` runs diffusers' own forward.
+LoRA adapters on an SVDQLinear live in its low-rank branch, so they are fused too; bf16 layers keep their
+LoRA hooks (they are not fused).
+
+Numerics: the fused input is the fp32 LayerNorm-and-modulate rounded once to x's dtype; diffusers rounds the
+LayerNorm output and the modulation in bf16 as it goes, so the two differ by bf16 roundings (tests hold the
+blocks to 1e-2 relative). Without any fusable layer the fused forward is the original one, bit for bit.
+
+Example:
+    >>> from lowbit_engine.integrations.tiny import tiny_flux_pipeline
+    >>> pipe, _ = tiny_flux_pipeline(seed=0)
+    >>> install(pipe.transformer)                      # every FLUX block: 2 double + 4 single
+    6
+    >>> remove(pipe.transformer)
+    6
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops_fused
+from ..nn import SVDQLinear
+
+FUSED_ATTR = "_lowbit_fused_forward"
+FUSABLE_ACTS = ("int8", "fp8")
+
+
+def fusable(linear: nn.Module, x: Tensor) -> bool:
+    """Whether ``linear`` can take its input from the fused entry quantizer."""
+    return (isinstance(linear, SVDQLinear) and linear.act_mode in FUSABLE_ACTS and x.dtype == linear.dtype
+            and linear.in_features == x.shape[-1] and not linear._forward_hooks and not linear._forward_pre_hooks)
+
+
+def entry_linear(linear: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``linear(norm(x) * (1 + scale[:, None]) + shift[:, None])`` for ``x [B, T, K]``, fused when it can be.
+
+    ``norm`` is the block's own LayerNorm (no affine): its eps is the fused op's, and the unfused path calls it.
+    """
+    B, T, K = x.shape
+    if fusable(linear, x) and x.is_contiguous():
+        q, s, la = ops_fused.norm_modulate_quantize(x.reshape(B * T, K), shift.contiguous(), scale.contiguous(),
+                                                    norm.eps, linear.smooth, linear.lora_down if linear.rank else None,
+                                                    linear.act_mode, T)
+        return linear.gemm(q, s, la if linear.rank else None, x.dtype).reshape(B, T, linear.out_features)
+    return linear(norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+def _projections(attn: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm, context: bool):
+    """q, k, v of one stream: the fused QKV layer when the attention has one, else three entry linears."""
+    fused_name = "to_added_qkv" if context else "to_qkv"
+    if getattr(attn, "fused_projections", False) and hasattr(attn, fused_name):
+        return entry_linear(getattr(attn, fused_name), x, shift, scale, norm).chunk(3, dim=-1)
+    names = ("add_q_proj", "add_k_proj", "add_v_proj") if context else ("to_q", "to_k", "to_v")
+    return tuple(entry_linear(getattr(attn, n), x, shift, scale, norm) for n in names)
+
+
+def _attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, rotary) -> Tensor:
+    """FluxAttnProcessor's core after the projections: heads, q/k RMSNorm (done by the caller per stream),
+    rotary embedding, attention through diffusers' dispatcher, heads flattened."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if rotary is not None:
+        q = apply_rotary_emb(q, rotary, sequence_dim=1)
+        k = apply_rotary_emb(k, rotary, sequence_dim=1)
+    proc = attn.processor
+    out = dispatch_attention_fn(q, k, v, attn_mask=None, backend=proc._attention_backend,
+                                parallel_config=proc._parallel_config)
+    return out.flatten(2, 3).to(q.dtype)
+
+
+def _heads(attn: nn.Module, t: Tensor) -> Tensor:
+    return t.unflatten(-1, (-1, attn.head_dim))
+
+
+def _plain_processor(attn: nn.Module) -> bool:
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    return type(attn.processor) is FluxAttnProcessor
+
+
+def double_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                         image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None):
+    """``FluxTransformerBlock.forward`` with the entry linears fused (see the module docstring)."""
+    if joint_attention_kwargs or not _plain_processor(block.attn):
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                   joint_attention_kwargs)
+    n1, n1c, attn = block.norm1, block.norm1_context, block.attn
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = n1.linear(n1.silu(temb)).chunk(6, dim=1)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = n1c.linear(n1c.silu(temb)).chunk(
+        6, dim=1)
+
+    q, k, v = (_heads(attn, t) for t in _projections(attn, hidden_states, shift_msa, scale_msa, n1.norm, False))
+    cq, ck, cv = (_heads(attn, t) for t in _projections(attn, encoder_hidden_states, c_shift_msa, c_scale_msa,
+                                                           n1c.norm, True))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+    joint = _attention(attn, torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1),
+                       image_rotary_emb)
+    text = encoder_hidden_states.shape[1]
+    context_attn_output, attn_output = joint.split_with_sizes([text, joint.shape[1] - text], dim=1)
+    attn_output = attn.to_out[1](attn.to_out[0](attn_output.contiguous()))
+    context_attn_output = attn.to_add_out(context_attn_output.contiguous())
+
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+    ff0 = block.ff.net[0]
+    ff_output = ff0.gelu(entry_linear(ff0.proj, hidden_states, shift_mlp, scale_mlp, block.norm2))
+    for module in block.ff.net[1:]:
+        ff_output = module(ff_output)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
+
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+    ffc0 = block.ff_context.net[0]
+    context_ff_output = ffc0.gelu(entry_linear(ffc0.proj, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
+                                               block.norm2_context))
+    for module in block.ff_context.net[1:]:
+        context_ff_output = module(context_ff_output)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
+    if encoder_hidden_states.dtype == torch.float16:
+        encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+    return encoder_hidden_states, hidden_states
+
+
+def single_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
+                         image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None):
+    """``FluxSingleTransformerBlock.forward`` with its two entry linears (QKV, proj_mlp) fused."""
+    if joint_attention_kwargs or not _plain_processor(block.attn):
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                   joint_attention_kwargs)
+    text = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    residual = hidden_states
+    norm, attn = block.norm, block.attn
+    shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    mlp_hidden_states = block.act_mlp(entry_linear(block.proj_mlp, hidden_states, shift, scale, norm.norm))
+    q, k, v = (_heads(attn, t) for t in _projections(attn, hidden_states, shift, scale, norm.norm, False))
+    attn_output = _attention(attn, attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb)
+
+    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+    hidden_states = residual + gate.unsqueeze(1) * block.proj_out(hidden_states)
+    if hidden_states.dtype == torch.float16:
+        hidden_states = hidden_states.clip(-65504, 65504)
+    return hidden_states[:, :text], hidden_states[:, text:]
+
+
+def _blocks(transformer: nn.Module):
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    for m in transformer.modules():
+        if type(m) is FluxTransformerBlock:
+            yield m, double_block_forward
+        elif type(m) is FluxSingleTransformerBlock:
+            yield m, single_block_forward
+
+
+def install(transformer: nn.Module) -> int:
+    """Give every FLUX block of ``transformer`` its fused forward (an instance attribute; the class, the
+    state dict and the checkpoints are untouched). Returns how many blocks. Idempotent.
+
+    Raises TypeError when the model has no FLUX blocks (another architecture keeps the unfused path).
+    """
+    found = list(_blocks(transformer))
+    if not found:
+        raise TypeError(f"fused_blocks.install: {type(transformer).__name__} has no FLUX.1 blocks "
+                        "(FluxTransformerBlock / FluxSingleTransformerBlock)")
+    for block, fwd in found:
+        block.forward = functools.partial(fwd, block)
+        setattr(block, FUSED_ATTR, True)
+    return len(found)
+
+
+def remove(transformer: nn.Module) -> int:
+    """Undo :func:`install`: the blocks run diffusers' forward again. Returns how many blocks changed."""
+    n = 0
+    for block, _ in _blocks(transformer):
+        if getattr(block, FUSED_ATTR, False):
+            del block.forward
+            delattr(block, FUSED_ATTR)
+            n += 1
+    return n
+
+
+def installed(transformer: nn.Module) -> bool:
+    """Whether :func:`install` is in effect on ``transformer``."""
+    return any(getattr(b, FUSED_ATTR, False) for b, _ in _blocks(transformer))
+
+
+__all__ = ["install", "remove", "installed", "entry_linear", "fusable", "double_block_forward",
+           "single_block_forward"]
