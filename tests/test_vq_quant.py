@@ -47,10 +47,13 @@ def test_calibration_lowers_output_mse_vs_kmeans(gen):
 def test_progressive_freezing_ends_all_hard(gen):
     w, calib, _ = _layer(gen)
     P = w.numel() // 4
-    r = vq_quantize(w, "vq2", calib, **FAST)
+    # A step budget with room to spare: at iters=120 the last sub-vector froze on one machine and not on
+    # another (BLAS rounding decides a near-tie); at 240 every sub-vector is frozen by step ~160.
+    iters = 240
+    r = vq_quantize(w, "vq2", calib, kmeans_iters=4, iters=iters)
     assert r.stats["frozen_by_threshold"] + r.stats["frozen_forced"] == P
     assert r.stats["frozen_forced"] == 0  # the annealed softmax lets the threshold freeze everything
-    assert r.stats["steps"] < FAST["iters"]  # and the loop stopped once all were frozen
+    assert r.stats["steps"] < iters  # and the loop stopped once all were frozen
     # Too few steps: what is still soft is forced to its argmax; the result is still a valid hard code.
     short = vq_quantize(w, "vq2", calib, kmeans_iters=4, iters=5, freeze_every=5, keep_best=False)
     assert short.stats["frozen_forced"] > 0
