@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .formats import f8l, i8q, int4, vq
@@ -152,6 +154,71 @@ def norm_modulate_quantize(
     y = (norm * (1 + sc) + sh).to(x.dtype)
     q, s, la = quantize_act(y, smooth=smooth, lora_down=lora_down, mode=mode)
     return q, s, la, y
+
+
+EXIT_ACTIVATIONS = ("none", "gelu_tanh")
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+def exit_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation an exit epilogue applies to a GEMM's 16-bit output ``h``: ``"none"`` or ``"gelu_tanh"``
+    (diffusers' ``GELU(approximate="tanh")``, FLUX's MLP), computed in fp32 and rounded back to h's dtype
+    as the unfused path holds it. tanh is written as ``1 - 2 / (exp(2u) + 1)`` so the kernels can use the same
+    formula; it differs from torch's tanh by fp32 ulps, which round away in the 16-bit result nearly always.
+
+    Example:
+        >>> exit_activation(torch.tensor([-1.0, 0.0, 2.0], dtype=torch.bfloat16), "gelu_tanh")
+        tensor([-0.1592,  0.0000,  1.9531], dtype=torch.bfloat16)
+    """
+    _require(activation in EXIT_ACTIVATIONS, "exit_activation",
+             f"activation must be one of {EXIT_ACTIVATIONS}, got {activation!r}")
+    if activation == "none":
+        return h
+    x = h.float()
+    u = _GELU_C * (x + 0.044715 * (x * x * x))
+    t = 1.0 - 2.0 / (torch.exp(2.0 * u) + 1.0)
+    return (0.5 * x * (1.0 + t)).to(h.dtype)
+
+
+def quantize_act_static(
+    x: torch.Tensor,
+    scale: float,
+    smooth: torch.Tensor | None = None,
+    lora_down: torch.Tensor | None = None,
+    mode: str = "fp8",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """8-bit activations with one static per-tensor scale (the exit linears' input, docs/formats.md "Exit
+    quantizer"): ``xs = x / smooth`` (fp32), ``q = rint(clamp(xs / scale, +-127))`` (int8) or
+    ``e4m3(clamp(xs / scale, +-448))`` (fp8); values beyond the range saturate. ``scales`` is ``[M]`` filled
+    with ``scale`` (the GEMMs take per-token scales), except that a row holding a NaN or an infinity gets a
+    NaN scale (its non-finite elements get q = 0), so the GEMM writes NaN for that token as the per-token
+    quantizer does. ``lora_act = x @ lora_down^T`` in fp32 on the raw x.
+
+    Example:
+        >>> q, s, la = quantize_act_static(torch.randn(3, 64, dtype=torch.bfloat16), 0.02, mode="int8")
+        >>> q.dtype, s.tolist() == [0.019999999552965164] * 3
+        (torch.int8, True)
+    """
+    op = "quantize_act_static"
+    _require(mode in ("int8", "fp8"), op, f"mode must be 'int8' or 'fp8', got {mode!r}")
+    _require(x.dim() == 2 and x.dtype in _FLOAT16S, op, f"x must be bf16/fp16 [M, K], got {x.dtype} {tuple(x.shape)}")
+    _require(math.isfinite(scale) and scale > 0, op, f"scale must be a finite float > 0, got {scale!r}")
+    M, K = x.shape
+    xs = x.float() if smooth is None else x.float() / smooth.float()
+    qmax = 127.0 if mode == "int8" else 448.0
+    finite = torch.isfinite(xs)
+    y = (torch.where(finite, xs, torch.zeros_like(xs)) / torch.tensor(scale, dtype=torch.float32)).clamp(-qmax, qmax)
+    if mode == "int8":
+        y = torch.round(y)
+    q = y.to(torch.int8 if mode == "int8" else torch.float8_e4m3fn)
+    scales = torch.full((M,), scale, dtype=torch.float32, device=x.device)
+    scales = torch.where(finite.all(dim=1), scales, torch.full_like(scales, float("nan")))
+    lora_act = None
+    if lora_down is not None:
+        _require(lora_down.dim() == 2 and lora_down.shape[1] == K, op,
+                 f"lora_down must be [R, K={K}], got {tuple(lora_down.shape)}")
+        lora_act = x.float() @ lora_down.float().T
+    return q, scales, lora_act
 
 
 # ---- GEMMs ------------------------------------------------------------------------------------

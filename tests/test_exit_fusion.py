@@ -1,0 +1,140 @@
+"""The exit epilogue of the 8-bit GEMM (kernels/gemm8.py ``gemm8_exit_triton``), under the Triton interpreter.
+
+The fused path must equal the unfused one: the plain GEMM's 16-bit output ``h``, then
+``reference.exit_activation`` and ``reference.quantize_act_static`` (docs/formats.md, "Exit quantizer"). The
+kernel and the reference compute GELU with the same formula, but exp may differ by an fp32 ulp between the
+interpreter (numpy) and torch, which changes the 16-bit h of a rare element by one ulp and its code by at
+most one step: the tests allow that on at most 0.5% of the codes and require everything else bit-exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit_engine import reference
+from triton_interp import load_interpreted
+
+pytest.importorskip("triton")
+
+BF = torch.bfloat16
+E4M3 = torch.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def g8():
+    mod = load_interpreted("gemm8.py")
+    mod._tiles = load_interpreted("fp8_gemm.py")
+    mod._q = load_interpreted("quant8.py")
+    if not mod.interpreted():
+        pytest.skip("this Triton did not honour TRITON_INTERPRET=1 at decoration time")
+    return mod
+
+
+def _operands(gen, M, N, K, R, int8: bool):
+    if int8:
+        a = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
+        w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+        sa, sw = torch.rand(M, generator=gen) * 1e-3 + 1e-4, torch.rand(N, generator=gen) * 1e-3 + 1e-4
+    else:
+        a = (torch.randn(M, K, generator=gen) * 40).clamp(-448, 448).to(E4M3)
+        w = (torch.randn(N, K, generator=gen) * 40).clamp(-448, 448).to(E4M3)
+        sa, sw = torch.rand(M, generator=gen) * 2e-3 + 1e-4, torch.rand(N, generator=gen) * 2e-3 + 1e-4
+    la = torch.randn(M, R, generator=gen) if R else None
+    lu = (torch.randn(N, R, generator=gen) * 0.1).to(BF) if R else None
+    bias = torch.randn(N, generator=gen).to(BF)
+    return a, sa, w, sw, la, lu, bias
+
+
+def _unfused(g8, *args):
+    """The unfused producer's bf16 output. Taken in fp32 and rounded by torch (RNE): the interpreter's own
+    fp32 -> bf16 store truncates, which a compiled kernel does not (the exit epilogue rounds on the bits)."""
+    return g8.gemm8_triton(*args, torch.float32).to(BF)
+
+
+def _codes_match(q, qr, mode):
+    """Bit-exact except for at most 0.5% of the codes, each at most one step off (see the module doc)."""
+    if mode == "int8":
+        d = (q.view(torch.int8).int() - qr.view(torch.int8).int()).abs()
+        assert int(d.max()) <= 1
+    else:
+        d = (q.view(torch.uint8).int() - qr.view(torch.uint8).int()).abs()
+        d = torch.where(d > 1, (q.float() - qr.float()).abs() / qr.float().abs().clamp_min(1e-30) > 0.15, d.bool())
+    frac = d.bool().float().mean().item()
+    assert frac <= 5e-3, f"{frac:.3%} of the codes differ"
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "none"])
+@pytest.mark.parametrize("M, N, K, R, R2", [(1, 48, 64, 0, 8), (17, 80, 128, 16, 8), (111, 96, 192, 8, 24)])
+def test_exit_epilogue_equals_the_unfused_path(g8, gen, mode, activation, M, N, K, R, R2):
+    int8_in = mode == "int8"  # the producer's tokens; either kind feeds either next mode
+    a, sa, w, sw, la, lu, bias = _operands(gen, M, N, K, R, int8_in)
+    h = _unfused(g8, a, sa, w, sw, la, lu, bias)
+    act = reference.exit_activation(h, activation)
+    smooth = torch.rand(N, generator=gen) + 0.5
+    ld2 = (torch.randn(R2, N, generator=gen) * 0.1).to(BF)
+    qmax = 127.0 if mode == "int8" else 448.0
+    scale = float((act.float() / smooth).abs().amax()) / qmax * 0.7  # 0.7: the largest values saturate
+    qr, sr, lar = reference.quantize_act_static(act, scale, smooth, ld2, mode)
+
+    q, s, lq = g8.gemm8_exit_triton(a, sa, w, sw, la, lu, bias, BF, activation=activation, next_scale=scale,
+                                    next_mode=mode, next_smooth=smooth, next_lora_down=ld2)
+    assert q.dtype == qr.dtype and q.shape == (M, N)
+    _codes_match(q, qr, mode)
+    assert torch.equal(s, sr)
+    rel = ((lq.double() - lar.double()).norm() / lar.double().norm()).item()
+    assert rel < 1e-5, rel  # fp32 atomics in a free order (measured ~1e-7)
+
+
+def test_exit_fills_columns_of_a_wider_input(g8, gen):
+    """Two producers fill one concatenated next input (FLUX's single block: attention | MLP)."""
+    M, K, R2 = 17, 64, 8
+    parts = [_operands(gen, M, N, K, 0, False) for N in (32, 48)]
+    width = 32 + 48
+    smooth = torch.rand(width, generator=gen) + 0.5
+    ld2 = (torch.randn(R2, width, generator=gen) * 0.1).to(BF)
+    scale = 0.05
+    q = torch.full((M, width), 0x5A, dtype=torch.uint8).view(E4M3)  # poisoned
+    s = torch.full((M,), scale)
+    lo = torch.zeros(M, R2)
+    hs = []
+    for (a, sa, w, sw, la, lu, bias), col in zip(parts, (0, 32)):
+        g8.gemm8_exit_triton(a, sa, w, sw, la, lu, bias, BF, activation="gelu_tanh", next_scale=scale,
+                             next_mode="fp8", next_smooth=smooth, next_lora_down=ld2, q_out=q, scales_out=s,
+                             lora_out=lo, col=col)
+        hs.append(reference.exit_activation(_unfused(g8, a, sa, w, sw, la, lu, bias), "gelu_tanh"))
+    qr, sr, lar = reference.quantize_act_static(torch.cat(hs, dim=1), scale, smooth, ld2, "fp8")
+    _codes_match(q, qr, "fp8")
+    assert torch.equal(s, sr)
+    assert ((lo - lar).norm() / lar.norm()).item() < 1e-5
+
+
+def test_non_finite_rows_get_a_nan_scale(g8, gen):
+    M, N, K = 9, 48, 64
+    a, sa, w, sw, _, _, bias = _operands(gen, M, N, K, 0, True)
+    sa[3] = float("inf")  # row 3's GEMM output is +-inf / NaN
+    q, s, _ = g8.gemm8_exit_triton(a, sa, w, sw, None, None, bias, BF, activation="none", next_scale=0.1,
+                                   next_mode="int8")
+    h = _unfused(g8, a, sa, w, sw, None, None, bias)
+    qr, sr, _ = reference.quantize_act_static(h, 0.1, mode="int8")
+    assert torch.isnan(s[3]) and torch.isnan(sr[3])
+    assert torch.equal(torch.isnan(s), torch.isnan(sr)) and torch.equal(s[~torch.isnan(s)], sr[~torch.isnan(sr)])
+    assert torch.equal(q, qr)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(activation="relu"), "activation"),
+    (dict(next_mode="int4"), "next_mode"),
+    (dict(next_scale=0.0), "next_scale"),
+    (dict(next_scale=float("nan")), "next_scale"),
+    (dict(next_smooth=torch.ones(7)), "next_smooth"),
+    (dict(next_lora_down=torch.ones(4, 7, dtype=BF)), "next_lora_down"),
+    (dict(q_out=torch.empty(3, 48, dtype=torch.int8)), "q_out"),
+    (dict(q_out=torch.empty(5, 48, dtype=torch.int8), col=8), "q_out"),
+])
+def test_exit_rejects_bad_arguments(g8, gen, bad, match):
+    a, sa, w, sw, _, _, _ = _operands(gen, 5, 48, 64, 0, True)
+    kw = dict(activation="gelu_tanh", next_scale=0.1, next_mode="int8") | bad
+    with pytest.raises(ValueError, match=match):
+        g8.gemm8_exit_triton(a, sa, w, sw, None, None, None, BF, **kw)
