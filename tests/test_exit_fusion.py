@@ -138,3 +138,80 @@ def test_exit_rejects_bad_arguments(g8, gen, bad, match):
     kw = dict(activation="gelu_tanh", next_scale=0.1, next_mode="int8") | bad
     with pytest.raises(ValueError, match=match):
         g8.gemm8_exit_triton(a, sa, w, sw, None, None, None, BF, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ the ops
+
+
+def _layer(gen, fmt, N, K):
+    from lowbit_engine.formats import f8l, i8q
+    w = torch.randn(N, K, generator=gen)
+    if fmt == "f8l":
+        codes, gs, row = f8l.quantize(w)
+        return f8l.pack(codes), gs, None, row
+    codes, st, z, row = i8q.quantize(w)
+    return i8q.pack(codes), st, z, row
+
+
+@pytest.mark.parametrize("fmt", ["f8l", "i8q"])
+@pytest.mark.parametrize("next_mode", ["int8", "fp8"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "none"])
+def test_exit_op_cpu_backend_equals_the_reference(gen, fmt, next_mode, activation):
+    """The C++ backend (csrc/cpu/exit_quant.cpp after the C++ GEMM) against the torch reference, M = 17."""
+    from lowbit_engine import ops, ops_exit
+
+    M, N, K, R, R2 = 17, 96, 128, 8, 16
+    w, s1, s2, row = _layer(gen, fmt, N, K)
+    x = torch.randn(M, K, generator=gen).to(BF)
+    tok = "fp8" if fmt == "f8l" else "int8"
+    qa, sa, _ = ops.quantize_act(x, mode=tok)
+    la, lu = torch.randn(M, R, generator=gen), (torch.randn(N, R, generator=gen) * 0.1).to(BF)
+    bias = torch.randn(N, generator=gen).to(BF)
+    smooth = torch.rand(N, generator=gen) + 0.5
+    ld2 = (torch.randn(R2, N, generator=gen) * 0.1).to(BF)
+    args = (fmt, qa, sa, w, s1, s2, row, la, lu, bias)
+    kw = dict(activation=activation, next_scale=0.02, next_smooth=smooth, next_lora_down=ld2, next_mode=next_mode)
+    with ops.use_backend("torch", op="gemm_w4a8_exit"):
+        qr, sr, lr = ops_exit.gemm_w4a8_exit(*args, **kw)
+    with ops.record_backends() as used:
+        q, s, lq = ops_exit.gemm_w4a8_exit(*args, **kw)
+    assert used["gemm_w4a8_exit"] == {"cpu"}
+    _codes_match(q, qr, next_mode)
+    assert torch.equal(s, sr)
+    assert ((lq - lr).norm() / lr.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_static_quantizer_cpu_equals_the_reference(gen, mode):
+    from lowbit_engine import ops, ops_exit
+
+    x = (torch.randn(33, 192, generator=gen) * 3).to(BF)
+    x[5, 7] = float("nan")
+    x[9, 0] = float("-inf")
+    smooth = torch.rand(192, generator=gen) + 0.5
+    ld = (torch.randn(8, 192, generator=gen) * 0.1).to(BF)
+    with ops.record_backends() as used:
+        q, s, la = ops_exit.quantize_act_static(x, 0.01, smooth, ld, mode)  # 0.01: many values saturate
+    assert used["quantize_act_static"] == {"cpu"}
+    qr, sr, lr = reference.quantize_act_static(x, 0.01, smooth, ld, mode)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    assert torch.equal(torch.isnan(s), torch.isnan(sr)) and torch.isnan(s[5]) and torch.isnan(s[9])
+    assert torch.equal(s[~torch.isnan(s)], sr[~torch.isnan(sr)])
+    ok = torch.isfinite(lr).all(dim=1)
+    assert ((la[ok] - lr[ok]).norm() / lr[ok].norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(mode="int4"), "mode"),
+    (dict(scale=-1.0), "scale"),
+    (dict(scale=float("inf")), "scale"),
+    (dict(smooth=torch.ones(3)), "smooth"),
+    (dict(lora_down=torch.ones(2, 64)), "lora_down"),  # fp32, x is bf16
+])
+def test_static_quantizer_rejects_bad_arguments(bad, match):
+    from lowbit_engine import ops_exit
+    from lowbit_engine.errors import OpInputError
+
+    kw = dict(scale=0.1, smooth=None, lora_down=None, mode="fp8") | bad
+    with pytest.raises(OpInputError, match=match):
+        ops_exit.quantize_act_static(torch.ones(4, 64, dtype=BF), **kw)
