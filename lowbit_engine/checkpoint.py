@@ -214,7 +214,10 @@ def _find_target(path: Path, model: nn.Module, entry: _Entry) -> None:
     except AttributeError:
         raise _error(path, name, f"expected a {cls_name} or nn.Linear at this name in the model; there is none")
     if type(target).__name__ == cls_name:
-        live = _json_normal(target.config())
+        # input_scale is a calibration result (a fused producer's static scale), not structure: it comes
+        # from the checkpoint whatever the live layer holds
+        live = {k: v for k, v in _json_normal(target.config()).items() if k != "input_scale"}
+        cfg = {k: v for k, v in cfg.items() if k != "input_scale"}
         if live != cfg:
             diff = {k: (cfg.get(k), live.get(k)) for k in sorted(set(cfg) | set(live)) if cfg.get(k) != live.get(k)}
             raise _error(path, name, f"the model's {cls_name} has another config; (checkpoint, model): {diff}")
@@ -349,4 +352,6 @@ def load_checkpoint(
                 live = e.target.state_dict()  # detached views of the live tensors: copy_ writes through
                 for state_name, t in e.module.state_dict().items():
                     live[state_name].copy_(t)
+            if hasattr(e.module, "input_scale"):
+                e.target.input_scale = e.module.input_scale
     return model

@@ -140,3 +140,88 @@ def test_compiles_and_matches_eager(models):
 def test_install_refuses_other_architectures():
     with pytest.raises(TypeError, match="no FLUX.1 blocks"):
         fused_blocks.install(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+# ------------------------------------------------------------------------------------------------ exit linears
+
+
+def _mlp_fc2s(q):
+    return [m for b in q.transformer_blocks for m in (b.ff.net[-1], b.ff_context.net[-1])]
+
+
+@pytest.fixture
+def calibrated(models):
+    """The quantized model with static fc2 input scales calibrated over two unfused forwards (reset after)."""
+    _, q = models
+    with torch.no_grad():
+        report = fused_blocks.calibrate_exit_scales(q, lambda: [q(**_inputs(s)) for s in (2, 3)], max_loss_db=99.0)
+    yield q, report
+    for fc2 in _mlp_fc2s(q):
+        fc2.input_scale = None
+
+
+def test_calibration_sets_a_static_scale_per_mlp_exit(calibrated):
+    q, report = calibrated
+    names = {f"transformer_blocks.{i}.{ff}.net.2" for i in range(2) for ff in ("ff", "ff_context")}
+    assert set(report) == names
+    for name, r in report.items():
+        fc2 = q.get_submodule(name)
+        assert r["used"] and fc2.input_scale == r["scale"] > 0
+        # the static scale spends its codes on the worst token: never better than per-token
+        assert r["static_db"] <= r["token_db"] + 0.1
+
+
+def test_calibration_keeps_per_token_where_the_static_scale_loses(models):
+    _, q = models
+    with torch.no_grad():
+        report = fused_blocks.calibrate_exit_scales(q, lambda: q(**_inputs(2)), max_loss_db=-1.0)
+    assert report and all(not r["used"] for r in report.values())
+    assert all(fc2.input_scale is None for fc2 in _mlp_fc2s(q))
+
+
+def test_exit_fused_mlp_equals_its_unfused_static_composition(calibrated):
+    """feed_forward with the exit epilogue against the same math op by op: fc1 (entry-fused), GELU-tanh,
+    the static quantizer, fc2's GEMM. Only fp32 summation orders differ."""
+    q, _ = calibrated
+    from lowbit_engine import ops_exit, ops_fused, reference
+
+    block = q.transformer_blocks[0]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 64, 128, generator=g).to(torch.bfloat16)
+    shift, scale = ((torch.randn(2, 128, generator=g) * 0.3).to(torch.bfloat16) for _ in range(2))
+    fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
+    with torch.no_grad(), ops.record_backends() as used:
+        fused = fused_blocks.feed_forward(block.ff, x, shift, scale, block.norm2)
+    assert used["gemm_w4a8_exit"] == {"cpu"} and "quantize_act" not in used
+    with torch.no_grad():
+        qa, sa, la = ops_fused.norm_modulate_quantize(x.reshape(128, 128), shift, scale, block.norm2.eps, fc1.smooth,
+                                                      fc1.lora_down, fc1.act_mode, 64)
+        h = reference.exit_activation(fc1.gemm(qa, sa, la, torch.bfloat16), "gelu_tanh")
+        q2, s2, la2 = ops_exit.quantize_act_static(h, fc2.input_scale, fc2.smooth, fc2.lora_down, fc2.act_mode)
+        ref = fc2.gemm(q2, s2, la2, torch.bfloat16).reshape(2, 64, -1)
+    assert _rel(fused, ref) < 1e-3
+
+
+def test_exit_fused_model_matches_the_unfused_one(calibrated):
+    q, _ = calibrated
+    x = _inputs(4)
+    with torch.no_grad():
+        unfused = q(**x)[0]
+        fused_blocks.install(q)
+        try:
+            with ops.record_backends() as used:
+                fused = q(**x)[0]
+        finally:
+            fused_blocks.remove(q)
+    assert used["gemm_w4a8_exit"] == {"cpu"}
+    assert _rel(fused, unfused) < FUSED_VS_UNFUSED
+
+
+def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
+    q, _ = calibrated
+    path = lowbit_engine.save(q, tmp_path / "q.safetensors")
+    fresh, _ = tiny_flux_pipeline(seed=0)
+    t = fresh.transformer
+    lowbit_engine.load(t, "svdq-w4a8", rank=16, checkpoint=path)
+    for a, b in zip(_mlp_fc2s(q), _mlp_fc2s(t)):
+        assert b.input_scale == a.input_scale is not None

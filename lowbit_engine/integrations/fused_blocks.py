@@ -32,12 +32,13 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .. import ops_fused
+from .. import ops_exit, ops_fused, reference
 from ..nn import SVDQLinear
 
 FUSED_ATTR = "_lowbit_fused_forward"
@@ -62,6 +63,112 @@ def entry_linear(linear: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, nor
                                                     linear.act_mode, T)
         return linear.gemm(q, s, la if linear.rank else None, x.dtype).reshape(B, T, linear.out_features)
     return linear(norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+EXIT_LAYOUTS = ("f8l", "i8q")
+
+
+def exit_fusable(fc1: nn.Module, fc2: nn.Module, x: Tensor) -> bool:
+    """Whether fc1's GEMM can write fc2's quantized input itself (``lowbit::gemm_w4a8_exit``): fc1 an F8L /
+    I8Q :class:`SVDQLinear` fed by the entry quantizer, fc2 an 8-bit SVDQLinear with a calibrated static
+    ``input_scale`` (:func:`calibrate_exit_scales`), of x's dtype, without hooks."""
+    return (fusable(fc1, x) and getattr(fc1, "weight_layout", None) in EXIT_LAYOUTS and isinstance(fc2, SVDQLinear)
+            and fc2.act_mode in FUSABLE_ACTS and fc2.input_scale is not None and fc2.dtype == x.dtype
+            and fc2.in_features == fc1.out_features and not fc2._forward_hooks and not fc2._forward_pre_hooks)
+
+
+def feed_forward(ff: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """diffusers' ``FeedForward`` (GELU-tanh fc1, dropout, fc2) on the modulated ``x``: fc1's input from the
+    entry quantizer, and, when :func:`exit_fusable`, fc2's input written by fc1's GEMM epilogue (the GELU
+    output is never stored in 16 bits). Otherwise the layers run one after the other."""
+    gelu, fc2 = ff.net[0], ff.net[-1]
+    middle = list(ff.net[1:-1])
+    plain = (getattr(gelu, "approximate", None) == "tanh" and len(middle) == 1 and isinstance(middle[0], nn.Dropout)
+             and (middle[0].p == 0 or not middle[0].training))
+    B, T, K = x.shape
+    if plain and x.is_contiguous() and exit_fusable(gelu.proj, fc2, x):
+        fc1 = gelu.proj
+        q, s, la = ops_fused.norm_modulate_quantize(x.reshape(B * T, K), shift.contiguous(), scale.contiguous(),
+                                                    norm.eps, fc1.smooth, fc1.lora_down if fc1.rank else None,
+                                                    fc1.act_mode, T)
+        bufs = fc1.weight_buffers()
+        q2, s2, la2 = ops_exit.gemm_w4a8_exit(
+            fc1.weight_layout, q, s, bufs["qweight"], bufs["wscales"], bufs.get("wzeros"), bufs["wrow"],
+            la if fc1.rank else None, fc1.lora_up if fc1.rank else None, fc1.bias, h_dtype=x.dtype,
+            activation="gelu_tanh", next_scale=fc2.input_scale, next_smooth=fc2.smooth,
+            next_lora_down=fc2.lora_down if fc2.rank else None, next_mode=fc2.act_mode)
+        return fc2.gemm(q2, s2, la2 if fc2.rank else None, x.dtype).reshape(B, T, fc2.out_features)
+    out = gelu.gelu(entry_linear(gelu.proj, x, shift, scale, norm))
+    for module in ff.net[1:]:
+        out = module(out)
+    return out
+
+
+@torch.no_grad()
+def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max_loss_db: float = 1.0
+                          ) -> dict[str, dict[str, Any]]:
+    """Calibrate the static input scale of every exit linear that :func:`feed_forward` can fuse (each FLUX
+    MLP's fc2), by running ``run()`` (e.g. a few denoising steps of the pipeline) with hooks that watch the
+    layers' inputs across every call.
+
+    The scale is the largest ``|x / smooth|`` seen, over 127 (int8) or 448 (fp8). A static scale spends its
+    codes on the worst token, so for each layer the calibration also measures the quantization SQNR of
+    its inputs with the static scale and with per-token scales; where the static scale loses more than
+    ``max_loss_db``, the layer keeps per-token quantization (``input_scale`` stays None) and the fused
+    path is not used for it. Returns ``{name: {"scale", "static_db", "token_db", "used"}}``.
+
+    Example::
+
+        report = calibrate_exit_scales(pipe.transformer, lambda: pipe("a cat", num_inference_steps=4))
+    """
+    stats: dict[str, dict[str, Any]] = {}
+    hooks = []
+    for name, ff in transformer.named_modules():
+        net = getattr(ff, "net", None)
+        if not isinstance(net, nn.ModuleList) or len(net) < 2 or not hasattr(net[0], "proj"):
+            continue
+        fc1, fc2 = net[0].proj, net[-1]
+        if not (isinstance(fc1, SVDQLinear) and fc1.weight_layout in EXIT_LAYOUTS and isinstance(fc2, SVDQLinear)
+                and fc2.act_mode in FUSABLE_ACTS):
+            continue
+        fc2.input_scale = None  # the watched forward is the unfused one
+        st = stats.setdefault(f"{name}.net.{len(net) - 1}", {"amax": 0.0, "inputs": [], "layer": fc2})
+
+        def watch(module, args, st=st):
+            x = args[0].reshape(-1, module.in_features)
+            xs = x.float() / module.smooth
+            st["amax"] = max(st["amax"], float(xs.abs().amax()))
+            st["inputs"].append(x[:: max(1, x.shape[0] // 256)].detach().clone())  # a token sample per call
+
+        hooks.append(fc2.register_forward_pre_hook(watch))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    report = {}
+    for name, st in stats.items():
+        fc2 = st["layer"]
+        if not st["inputs"] or not (st["amax"] > 0 and math.isfinite(st["amax"])):
+            report[name] = {"scale": None, "static_db": None, "token_db": None, "used": False}
+            continue
+        qmax = 127.0 if fc2.act_mode == "int8" else 448.0
+        scale = st["amax"] / qmax
+        x = torch.cat(st["inputs"])
+        xs = x.float() / fc2.smooth
+        qs, ss, _ = reference.quantize_act_static(x, scale, fc2.smooth, None, fc2.act_mode)
+        qt, st_, _ = reference.quantize_act(x, fc2.smooth, None, fc2.act_mode)
+        static_db = _sqnr_db(xs, qs.float() * ss[:, None])
+        token_db = _sqnr_db(xs, qt.float() * st_[:, None])
+        used = static_db >= token_db - max_loss_db
+        fc2.input_scale = scale if used else None
+        report[name] = {"scale": scale, "static_db": static_db, "token_db": token_db, "used": used}
+    return report
+
+
+def _sqnr_db(x: Tensor, xq: Tensor) -> float:
+    err = (x - xq).double().pow(2).sum().clamp_min(1e-300)
+    return float(10 * torch.log10(x.double().pow(2).sum() / err))
 
 
 def _projections(attn: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm, context: bool):
@@ -122,18 +229,12 @@ def double_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden
     context_attn_output = attn.to_add_out(context_attn_output.contiguous())
 
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-    ff0 = block.ff.net[0]
-    ff_output = ff0.gelu(entry_linear(ff0.proj, hidden_states, shift_mlp, scale_mlp, block.norm2))
-    for module in block.ff.net[1:]:
-        ff_output = module(ff_output)
+    ff_output = feed_forward(block.ff, hidden_states, shift_mlp, scale_mlp, block.norm2)
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
     encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-    ffc0 = block.ff_context.net[0]
-    context_ff_output = ffc0.gelu(entry_linear(ffc0.proj, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
-                                               block.norm2_context))
-    for module in block.ff_context.net[1:]:
-        context_ff_output = module(context_ff_output)
+    context_ff_output = feed_forward(block.ff_context, encoder_hidden_states, c_shift_mlp, c_scale_mlp,
+                                     block.norm2_context)
     encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
@@ -204,5 +305,5 @@ def installed(transformer: nn.Module) -> bool:
     return any(getattr(b, FUSED_ATTR, False) for b, _ in _blocks(transformer))
 
 
-__all__ = ["install", "remove", "installed", "entry_linear", "fusable", "double_block_forward",
-           "single_block_forward"]
+__all__ = ["install", "remove", "installed", "entry_linear", "fusable", "exit_fusable", "feed_forward",
+           "calibrate_exit_scales", "double_block_forward", "single_block_forward"]

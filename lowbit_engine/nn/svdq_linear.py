@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -152,6 +153,9 @@ class SVDQLinear(QuantizedLinearBase):
         # How the calibration went (set by from_linear; not part of the checkpoint).
         self.alpha: float | None = None
         self.calib_error: float | None = None
+        # Static per-tensor scale of this layer's 8-bit input, for a fused producer that quantizes it
+        # (fused_blocks.calibrate_exit_scales; saved in the config). The layer's own forward keeps per-token.
+        self.input_scale: float | None = None
 
         K, N = in_features, out_features
         for name, (shape, buf_dtype) in w4_layouts.buffer_specs(weight_layout, N, K).items():
@@ -224,6 +228,7 @@ class SVDQLinear(QuantizedLinearBase):
             "out_features": self.out_features, "rank": self.rank, "group_size": GROUP,
             "act_mode": self.act_mode, "dtype": _dtype_name(self.dtype), "has_bias": self.bias is not None,
             "weight_layout": self.weight_layout,
+            **({"input_scale": self.input_scale} if self.input_scale is not None else {}),
         }
 
     @classmethod
@@ -255,9 +260,14 @@ class SVDQLinear(QuantizedLinearBase):
             raise ValueError(f"SVDQLinear.from_config: group_size must be {GROUP}, got {cfg['group_size']!r}")
         if cfg["dtype"] not in _DTYPES:
             raise ValueError(f"SVDQLinear.from_config: dtype must be one of {list(_DTYPES)}, got {cfg['dtype']!r}")
-        return cls(int(cfg["in_features"]), int(cfg["out_features"]), rank=int(cfg["rank"]), fmt=cfg["format"],
-                   act_mode=cfg["act_mode"], bias=bool(cfg["has_bias"]), dtype=_DTYPES[cfg["dtype"]],
-                   device=device, weight_layout=layout)
+        scale = cfg.get("input_scale")
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"SVDQLinear.from_config: input_scale must be a finite number > 0 or absent, got {scale!r}")
+        m = cls(int(cfg["in_features"]), int(cfg["out_features"]), rank=int(cfg["rank"]), fmt=cfg["format"],
+                act_mode=cfg["act_mode"], bias=bool(cfg["has_bias"]), dtype=_DTYPES[cfg["dtype"]],
+                device=device, weight_layout=layout)
+        m.input_scale = None if scale is None else float(scale)
+        return m
 
     # ---- weight layout ---------------------------------------------------------------------------
 
