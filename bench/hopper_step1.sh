@@ -58,7 +58,7 @@ python3 -c "import lowbit_engine, json; print(json.dumps(lowbit_engine.build_inf
 # 3. the harness rows of the table (and the g64 rows beside them, for comparison)
 log "harness"
 python3 -m lowbit_engine.cli bench kernels --m 4608 256 16 --out "$OUT/kernels-step1.json" --kernels \
-  cublas torch_fp8 gemm_w4a8 gemm8_ expand_ svdq_w4a8 quantize_act_int8 quantize_act_fp8 fp8_linear nvfp4_linear_fp8 \
+  cublas torch_fp8 gemm_w4a8 gemm8_ expand_ svdq_w4a8 exit_ quantize_act_int8 quantize_act_fp8 fp8_linear nvfp4_linear_fp8 \
   mxfp4_linear_fp8 >"$OUT/bench.log" 2>&1 || log "harness FAILED (tail of bench.log follows)"
 tail -5 "$OUT/bench.log"
 

@@ -39,6 +39,11 @@ ROWS: list[tuple[str, str, str, float | None, float | None, int, int | None]] = 
     ("FP4Linear nvfp4 x fp8", "nvfp4_linear_fp8", "ratio_vs_bf16", 1.2, 1.4, 0, None),
     ("M=16 SVDQLinear F8L, N >= 9216", "svdq_w4a8_f8l_linear_r32", "ratio_vs_bf16", 1.5, 2.5, 9216, 16),
     ("M=16 SVDQLinear I8Q, N >= 9216", "svdq_w4a8_i8q_linear_r32", "ratio_vs_bf16", 1.5, 2.5, 9216, 16),
+    # step 3 (issue 16): fc1 writing fc2's 8-bit input, against its unfused chain (informational)
+    ("fc1 exit-fused F8L (GEMM + GELU + quantize)", "exit_f8l_gelu_r32", "ratio_vs_bf16", None, None, 0, None),
+    ("  unfused chain F8L", "exit_f8l_gelu_r32_unfused", "ratio_vs_bf16", None, None, 0, None),
+    ("fc1 exit-fused I8Q (GEMM + GELU + quantize)", "exit_i8q_gelu_r32", "ratio_vs_bf16", None, None, 0, None),
+    ("  unfused chain I8Q", "exit_i8q_gelu_r32_unfused", "ratio_vs_bf16", None, None, 0, None),
 ]
 
 

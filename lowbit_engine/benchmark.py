@@ -288,6 +288,27 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
                      d["bias"], torch.bfloat16)
 
         cases.append(Case(f"svdq_w4a8_{layout}_linear_r32", flops, bf * M * K + w_bytes_l + out_b, linear, op_name))
+
+        # An MLP's fc1 as an exit producer (docs/formats.md, "Exit quantizer"): the GEMM writes the next
+        # linear's 8-bit input (static scale, GELU-tanh, the next lora-down) against the unfused chain of
+        # GEMM -> bf16 -> GELU -> per-token quantizer. Both end with the same tensors for fc2.
+        next_smooth = [torch.rand(N, generator=torch.Generator().manual_seed(i), dtype=torch.float32).add_(0.5)
+                       .to(d["x"].device) for i, d in enumerate(sets)]
+        next_ld = [(d["lora_up"].t() * 0.1).contiguous() for d in sets]  # any [R, N] 16-bit tensor
+        exit_args = (lambda i, layout=layout, mode=mode, toks=toks, wb=wb, s2=s2: (
+            layout, toks[i][0], toks[i][1], wb[i]["qweight"], wb[i]["wscales"], wb[i][s2] if s2 else None,
+            wb[i]["wrow"], toks[i][2], sets[i]["lora_up"], sets[i]["bias"], torch.bfloat16, "gelu_tanh", 0.02,
+            next_smooth[i], next_ld[i], mode))
+
+        def unfused_exit(i, mode=mode, f=op_fn, a=op_args):
+            h = torch.nn.functional.gelu(f(*a(i)), approximate="tanh")
+            return ops.quantize_act(h, next_smooth[i], next_ld[i], mode)
+
+        next_in = M * N + 4 * M + 4 * M * RANK + bf * RANK * N
+        cases.append(Case(f"exit_{layout}_gelu_r32", flops, tok_bytes + w_bytes_l + next_in,
+                          lambda i, a=exit_args: torch.ops.lowbit.gemm_w4a8_exit(*a(i)), "gemm_w4a8_exit", exit_args))
+        cases.append(Case(f"exit_{layout}_gelu_r32_unfused", flops,
+                          tok_bytes + w_bytes_l + out_b + 2 * out_b + out_b + next_in, unfused_exit, op_name))
         if on_gpu and "cuda" in ops.backends("quantize_act"):
             cases.append(Case(f"svdq_w4a8_{layout}_linear_r32_cudaquant", flops, bf * M * K + w_bytes_l + out_b,
                               _with_env(linear, LOWBIT_QUANTIZE_ACT_KERNEL="cuda"), op_name))

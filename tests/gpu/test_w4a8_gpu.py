@@ -281,3 +281,40 @@ def test_capture_without_a_warm_up_says_what_to_do():
     with pytest.raises(RuntimeError, match="before capturing a CUDA graph"):
         with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
             q(x)
+
+
+@pytest.mark.parametrize("fmt", ["f8l", "i8q"])
+@pytest.mark.parametrize("next_mode", ["int8", "fp8"])
+@pytest.mark.parametrize("M", [17, 111, 4608])  # 17: the small-M path (direct kernel + torch exit)
+def test_exit_op_matches_its_unfused_chain_on_the_gpu(fmt, next_mode, M):
+    """lowbit::gemm_w4a8_exit compiled (expand + the 8-bit GEMM with the exit epilogue above 64 tokens)
+    against the op's own chain: the same GEMM's bf16 output, reference GELU, reference static quantizer.
+    The fp8 MMA and FMA contraction may move a rare h by a bf16 ulp: codes may differ by one step on at
+    most 0.5% of the elements; the scales are exact."""
+    from lowbit_engine import ops_exit
+
+    _need((8, 9) if fmt == "f8l" else (8, 0))
+    N, K, R = 640, 1024, 32
+    d, w = _layer(fmt, M, N, K, R, seed=M)
+    tok = "fp8" if fmt == "f8l" else "int8"
+    qa, sa, la = ops.quantize_act(d["x"], d["smooth"], d["ld"], tok)
+    s1, s2, row = (w[1], None, w[2]) if fmt == "f8l" else (w[1], w[2], w[3])
+    g = torch.Generator().manual_seed(3)
+    nsm = (torch.rand(N, generator=g) + 0.5).cuda()
+    nld = (torch.randn(R, N, generator=g) * 0.05).to(BF).cuda()
+    gemm = ops_w4a8.gemm_w4a8_f8l if fmt == "f8l" else ops_w4a8.gemm_w4a8_i8q
+    h = gemm(qa, sa, w[0], *((s1, row) if fmt == "f8l" else (s1, s2, row)), la, d["lu"], d["bias"], BF)
+    act = reference.exit_activation(h, "gelu_tanh")
+    scale = float((act.float() / nsm).abs().amax()) / (127.0 if next_mode == "int8" else 448.0) * 0.8
+    qr, sr, lr = reference.quantize_act_static(act, scale, nsm, nld, next_mode)
+    with ops.record_backends() as used:
+        q, s, lq = ops_exit.gemm_w4a8_exit(fmt, qa, sa, w[0], s1, s2, row, la, d["lu"], d["bias"], next_scale=scale,
+                                           next_smooth=nsm, next_lora_down=nld, next_mode=next_mode)
+    assert used["gemm_w4a8_exit"] == {"triton"}
+    a, b = q.view(torch.uint8).int(), qr.view(torch.uint8).int()
+    if next_mode == "int8":
+        a, b = q.view(torch.int8).int(), qr.view(torch.int8).int()
+    diff = (a - b).abs()
+    assert (diff > 0).float().mean().item() <= 5e-3 and (next_mode == "fp8" or int(diff.max()) <= 1)
+    assert torch.equal(s, sr)
+    assert ((lq - lr).norm() / lr.norm()).item() < 1e-3
