@@ -47,6 +47,7 @@ class Report:
     loop_instructions: int | None = None
     loop_census: dict[str, int] = field(default_factory=dict)
     census: dict[str, int] = field(default_factory=dict)
+    loops: list[dict[str, int]] = field(default_factory=list)  # every loop's census (innermost first by address)
 
 
 def _tool(name: str) -> str:
@@ -100,6 +101,7 @@ def sass_report(name: str, cubin: bytes) -> Report:
         body = [o for a, o, _ in instrs if start <= a <= addr]
         mmas = sum(o.split(".")[0] in MMA_OPS for o in body)
         key = (mmas, len(body))
+        rep.loops.append(dict(Counter(o.split(".")[0] for o in body).most_common()) | {"_size": len(body)})
         if best is None or key > best[0]:
             best = (key, body)
     if best is not None:
@@ -128,13 +130,25 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
     for is_int8 in (False, True):
         dt = i8 if is_int8 else e4
         for cfg in (gemm8.DEFAULTS[2**62], gemm8.DEFAULTS[256]):
-            args = (_t((M, K), dt), _t((M,)), _t((N, K), dt), _t((N,)), _t((M, R)), _t((N, R), bf), _t((N,), bf),
+            head = (_t((M, K), dt), _t((M,)), _t((N, K), dt), _t((N,)), _t((M, R)), _t((N, R), bf), _t((N,), bf),
                     _t((M, N), bf), M, N, K, R)
             kw = dict(IS_INT8=is_int8, HAS_LORA=True, LORA_16BIT=True, EMULATE_16BIT_DOT=False, HAS_BIAS=True,
                       EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=32,
                       GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            out.append((f"gemm8 {'int8' if is_int8 else 'fp8'} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
-                        f"w{cfg.num_warps} s{cfg.num_stages}", gemm8._gemm8_kernel, args, kw))
+            tag = f"{'int8' if is_int8 else 'fp8'} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} " \
+                  f"s{cfg.num_stages}"
+            no_exit = (_t((1,)), _t((1,)), _t((1,)), _t((1,)), _t((1,)), 1.0, 0, 0, 0)
+            out.append((f"gemm8 {tag}", gemm8._gemm8_kernel, head + no_exit, kw))
+        cfg = gemm8.EXIT_DEFAULTS[2**62]  # the exit epilogue (fc1 writing fc2's 8-bit input), large-M tile
+        head = (_t((M, K), dt), _t((M,)), _t((N, K), dt), _t((N,)), _t((M, R)), _t((N, R), bf), _t((N,), bf),
+                _t((1,), bf), M, N, K, R)
+        ex = (_t((M, N), u8), _t((M,)), _t((N,)), _t((R, N), bf), _t((M, R)), 0.02, N, 0, R)
+        kw = dict(IS_INT8=is_int8, HAS_LORA=True, LORA_16BIT=True, EMULATE_16BIT_DOT=False, HAS_BIAS=True,
+                  EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=32,
+                  GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, EXIT=2,
+                  NEXT_FP8=not is_int8, HAS_NSMOOTH=True, HAS_NLORA=True, BLOCK_R2=32)
+        out.append((f"gemm8-exit {'int8' if is_int8 else 'fp8'} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+                    f"w{cfg.num_warps} s{cfg.num_stages}", gemm8._gemm8_kernel, head + ex, kw))
     for fmt, code in w4_expand.FMTS.items():
         g = w4_expand.GROUPS[code]
         s1 = _t((N, K // g), u8)
