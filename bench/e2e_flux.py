@@ -13,6 +13,11 @@ output for fidelity)
     svdq-int4, svdq-w4a8  ``lowbit_engine.load(model, fmt, rank=32, calib=2 random forwards)``; quantization
                           time (calibration included) is reported
     svdq-*-compile        the same quantized model under ``torch.compile``
+    svdq-w4a8-fused[-compile|-cudagraph]
+                          svdq-w4a8 with the fused FLUX blocks (lowbit_engine.integrations.fused_blocks:
+                          entry linears fed by the fused LayerNorm + modulate + quantize, each MLP's fc1
+                          writing fc2's input with static scales calibrated on the calibration forwards);
+                          ``-cudagraph`` is ``torch.compile(mode="reduce-overhead")`` (CUDA graphs)
     torchao-fp8[-compile] torchao's dynamic fp8 (``Float8DynamicActivationFloat8WeightConfig``), when
                           torchao is importable (else the row says "not installed")
 
@@ -85,6 +90,7 @@ FLUX_SMOKE: dict[str, Any] = dict(
     axes_dims_rope=(4, 14, 14))
 
 VARIANTS = ("bf16-eager", "bf16-compile", "svdq-int4", "svdq-w4a8", "svdq-int4-compile", "svdq-w4a8-compile",
+            "svdq-w4a8-fused", "svdq-w4a8-fused-compile", "svdq-w4a8-fused-cudagraph",
             "torchao-fp8", "torchao-fp8-compile")
 ENGINE_FORMATS = ("svdq-int4", "svdq-w4a8")
 
@@ -308,6 +314,7 @@ class Runner:
     def families(self) -> list[Family]:
         fams = [Family("bf16", lambda m: {})]
         fams += [Family(fmt, lambda m, fmt=fmt: self._quantize_engine(m, fmt)) for fmt in ENGINE_FORMATS]
+        fams.append(Family("svdq-w4a8-fused", self._quantize_fused))
         fams.append(Family("torchao-fp8", self._quantize_torchao))
         return fams
 
@@ -324,6 +331,25 @@ class Runner:
                 "note": f"{rep.num_quantized} layers quantized, {rep.num_kept} kept bf16, "
                         f"QKV fused: {'yes' if rep.qkv_fused else 'no'}, calibration runs: {rep.calib_runs}"}
 
+    def _quantize_fused(self, model: nn.Module) -> dict[str, Any]:
+        from lowbit_engine.integrations import fused_blocks
+
+        extra = self._quantize_engine(model, "svdq-w4a8")
+        t0 = time.perf_counter()
+        blocks = fused_blocks.install(model)
+        calib = [make_inputs(self.wl, self.device, SEED_CALIB + i) for i in range(CALIB_RUNS)]
+        with torch.no_grad():
+            scales = fused_blocks.calibrate_exit_scales(model, lambda: [model(**c) for c in calib],
+                                                        max_loss_db=self.args.exit_max_loss_db)
+        _sync(self.device)
+        extra["quant_s"] += time.perf_counter() - t0
+        used = sum(r["used"] for r in scales.values())
+        db = [r["token_db"] - r["static_db"] for r in scales.values() if r["static_db"] is not None]
+        extra["note"] += (f"; {blocks} blocks fused, {used}/{len(scales)} MLP exits on static scales (static "
+                          f"scale loses {min(db, default=0):.1f}-{max(db, default=0):.1f} dB vs per-token, "
+                          f"limit {self.args.exit_max_loss_db:g})")
+        return extra
+
     def _quantize_torchao(self, model: nn.Module) -> dict[str, Any]:
         found = _torchao_fp8()
         if found is None:  # checked before the model is built; kept for clarity
@@ -339,8 +365,8 @@ class Runner:
 
     def run(self, selected: Sequence[str]) -> None:
         for fam in self.families():
-            variants = [v for v in (fam.base if fam.base != "bf16" else "bf16-eager", f"{fam.base}-compile")
-                        if v in selected]
+            variants = [v for v in (fam.base if fam.base != "bf16" else "bf16-eager", f"{fam.base}-compile",
+                                    f"{fam.base}-cudagraph") if v in selected]
             if not variants:
                 continue
             if fam.base == "torchao-fp8" and _torchao_fp8() is None:
@@ -370,7 +396,7 @@ class Runner:
             _free(self.device)
             return
         for v in variants:
-            compiled = v.endswith("-compile")
+            compiled = v.endswith(("-compile", "-cudagraph"))
             if compiled and self.smoke_compile_off:
                 self._record(Row(v, status="skipped", note="no torch.compile in smoke mode (pass --compile)"))
                 continue
@@ -394,7 +420,8 @@ class Runner:
         row.weight_gib = weight_nbytes(model) / GIB
         if self.bf16_bytes:
             row.weight_ratio_vs_bf16 = weight_nbytes(model) / self.bf16_bytes
-        fn: Callable[..., Any] = torch.compile(model) if compiled else model
+        mode = "reduce-overhead" if variant.endswith("-cudagraph") else None  # CUDA graphs through inductor
+        fn: Callable[..., Any] = torch.compile(model, mode=mode) if compiled else model
         kwargs = self.eval_inputs
         step = lambda: fn(**kwargs)  # noqa: E731
 
@@ -567,6 +594,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alphas", type=float, nargs="+", default=None,
                    help="smoothing alphas to search (default: the engine's 0..1 grid); fewer = faster quantization")
     p.add_argument("--compile", action="store_true", help="run the torch.compile variants in smoke mode too")
+    p.add_argument("--exit-max-loss-db", type=float, default=1.0,
+                   help="fused variants: an MLP exit uses its static scale unless that loses more than this many dB "
+                        "of quantization SQNR against per-token scales (fused_blocks.calibrate_exit_scales)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default bench/results/e2e_flux-<gpu>.json; -smoke suffix with --smoke)")
     args = p.parse_args(argv)

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "e2e_flux.py"
-ENGINE = ("svdq-int4", "svdq-w4a8")
+ENGINE = ("svdq-int4", "svdq-w4a8", "svdq-w4a8-fused")
 
 
 def _load_script() -> ModuleType:
@@ -34,7 +34,8 @@ def _load_script() -> ModuleType:
 def smoke(tmp_path_factory) -> tuple[ModuleType, dict[str, Any], Path]:
     e2e = _load_script()
     out = tmp_path_factory.mktemp("e2e") / "e2e.json"
-    report = e2e.run(["--smoke", "--out", str(out)])
+    # every MLP exit on its static scale, whatever it costs on random weights: the fused path must run
+    report = e2e.run(["--smoke", "--out", str(out), "--exit-max-loss-db", "99"])
     return e2e, report, out
 
 
@@ -75,10 +76,18 @@ def test_bf16_eager_and_engine_rows_have_numbers(smoke):
         assert r["fallback"] is False
 
 
+def test_fused_variant_runs_the_fused_ops(smoke):
+    _, report, _ = smoke
+    r = _rows(report)["svdq-w4a8-fused"]
+    assert {"norm_modulate_quantize", "gemm_w4a8_exit"} <= set(r["backends"]), r["backends"]
+    assert "blocks fused, 2/2 MLP exits on static scales" in r["note"]
+
+
 def test_unavailable_variants_are_reported_as_such(smoke):
     e2e, report, _ = smoke
     rows = _rows(report)
-    for v in ("bf16-compile", "svdq-int4-compile", "svdq-w4a8-compile", "torchao-fp8-compile"):
+    for v in ("bf16-compile", "svdq-int4-compile", "svdq-w4a8-compile", "svdq-w4a8-fused-compile",
+              "svdq-w4a8-fused-cudagraph", "torchao-fp8-compile"):
         if v.startswith("torchao") and e2e._torchao_fp8() is None:
             continue  # "not installed" wins over "skipped": checked below
         assert rows[v]["status"] == "skipped" and "--compile" in rows[v]["note"]
