@@ -47,6 +47,7 @@ Usage:
     python bench/e2e_flux.py                                   # GPU, every variant
     python bench/e2e_flux.py --variants svdq-int4 bf16-compile --repeat 20
     python bench/e2e_flux.py --smoke                           # CPU, tiny model
+    python bench/e2e_flux.py --variants svdq-w4a8-fused svdq-w4a8-fused-compile --profile   # + time split
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class Row:
     meets_targets: dict[str, bool] | None = None
     error: str | None = None
     note: str = ""
+    time_split_ms: dict[str, float] | None = None  # --profile: one step's kernel time by kind
 
 
 # ---- model and inputs ---------------------------------------------------------------------------
@@ -239,6 +241,33 @@ def time_steps(step: Callable[[], Any], device: str, repeat: int) -> list[float]
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+# Kernel names by kind, for the --profile split (cuBLAS / CUTLASS / Triton GEMMs and the engine's own; flash /
+# memory-efficient / cuDNN attention). Anything else is "other": norms, elementwise, quantizers, copies.
+_GEMM_NAMES = re.compile(r"gemm|matmul|_mm|addmm|nvjet|cutlass|sm90_xmma|wgmma|gemm8|w4a8|w4a4|vq_gemm|fp8_gemm|"
+                         r"fp4_gemm|direct|_exit", re.I)
+_ATTN_NAMES = re.compile(r"flash|fmha|attention|attn|sdpa|softmax", re.I)
+
+
+def time_split(step: Callable[[], Any], device: str) -> dict[str, float]:
+    """One profiled step's kernel time (ms) split into GEMM, attention and the rest (torch.profiler): on a
+    GPU the CUDA kernels' device time, on the CPU the self time of the top-level ops (a coarse picture)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    split = {"gemm_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0.0) if on_gpu else ev.self_cpu_time_total
+        if not us:
+            continue
+        kind = "attention_ms" if _ATTN_NAMES.search(ev.key) else "gemm_ms" if _GEMM_NAMES.search(ev.key) else "other_ms"
+        split[kind] += us / 1e3
+    return split
 
 
 def _tensor_nbytes(t: torch.Tensor) -> int:
@@ -456,6 +485,8 @@ class Runner:
 
         row.ms_all = time_steps(step, self.device, self.args.repeat)
         row.ms_per_step = statistics.median(row.ms_all)
+        if self.args.profile:
+            row.time_split_ms = time_split(step, self.device)
         if on_gpu:
             row.peak_alloc_gib = torch.cuda.max_memory_allocated() / GIB
         return row
@@ -594,6 +625,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alphas", type=float, nargs="+", default=None,
                    help="smoothing alphas to search (default: the engine's 0..1 grid); fewer = faster quantization")
     p.add_argument("--compile", action="store_true", help="run the torch.compile variants in smoke mode too")
+    p.add_argument("--profile", action="store_true",
+                   help="one extra profiled step per variant: kernel time split into GEMM / attention / other")
     p.add_argument("--exit-max-loss-db", type=float, default=1.0,
                    help="fused variants: an MLP exit uses its static scale unless that loses more than this many dB "
                         "of quantization SQNR against per-token scales (fused_blocks.calibrate_exit_scales)")

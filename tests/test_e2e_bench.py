@@ -119,3 +119,12 @@ def test_variant_subset_and_failures_become_rows(tmp_path, monkeypatch):
     assert set(rows) == {"bf16-eager", "svdq-int4"}  # bf16-eager always runs: baseline and reference
     assert rows["bf16-eager"]["status"] == "ok"
     assert rows["svdq-int4"]["status"] == "error" and "out of memory" in rows["svdq-int4"]["error"]
+
+
+def test_profile_splits_the_step_time(tmp_path):
+    e2e = _load_script()
+    report = e2e.run(["--smoke", "--variants", "svdq-w4a8", "--profile", "--out", str(tmp_path / "p.json")])
+    for name in ("bf16-eager", "svdq-w4a8"):
+        split = _rows(report)[name]["time_split_ms"]
+        assert set(split) == {"gemm_ms", "attention_ms", "other_ms"}
+        assert split["gemm_ms"] > 0 and split["attention_ms"] > 0 and split["other_ms"] > 0, split
