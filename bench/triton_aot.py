@@ -178,7 +178,7 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
     for mode in ("int8", "fp8"):
         x = _t((M, K), bf)
         q = _t((M, K), u8)
-        args = (x, _t((K,)), _t((R, K), bf), q, _t((M,)), _t((M, R)), M, K, R)
+        args = (x, _t((K,)), _t((R, K), bf), q, _t((M,)), _t((M, R)), M, K, R, 1.0)
         kw = dict(IS_FP8=mode == "fp8", HAS_SMOOTH=True, HAS_LORA=True, EMULATE_16BIT_DOT=False, BLOCK_M=16,
                   BLOCK_K=256, BLOCK_R=32, num_warps=4, num_stages=2)
         out.append((f"quant8 {mode} smooth r{R}", quant8._quant8_kernel, args, kw))

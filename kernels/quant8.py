@@ -86,10 +86,12 @@ def _e4m3_bits(y):
 
 @triton.jit
 def _quant8_kernel(
-    x_ptr, smooth_ptr, ld_ptr, q_ptr, scale_ptr, la_ptr, M, K, R,
+    x_ptr, smooth_ptr, ld_ptr, q_ptr, scale_ptr, la_ptr, M, K, R, static_scale,
     IS_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, EMULATE_16BIT_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STATIC: tl.constexpr = False,
 ):
+    """Per-token scales, or with ``STATIC`` the one ``static_scale`` (docs/formats.md, "Exit quantizer":
+    saturating; a row holding a non-finite value gets a NaN scale and q = 0 on its non-finite elements)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
     rows64 = rows.to(tl.int64)
@@ -116,14 +118,19 @@ def _quant8_kernel(
             xs = tl.div_rn(xs, tl.broadcast_to(sm[None, :], (BLOCK_M, BLOCK_K)))
         amax = _nan_max(amax, tl.reduce(tl.abs(xs), 1, _nan_max))
 
-    if IS_FP8:
+    if STATIC:
+        scale = tl.full((BLOCK_M,), 1.0, tl.float32) * static_scale
+    elif IS_FP8:
         scale = tl.div_rn(amax, tl.full((BLOCK_M,), 448.0, tl.float32))
     else:
         scale = tl.div_rn(amax, tl.full((BLOCK_M,), 127.0, tl.float32))
     finite = amax <= 3.4028234663852886e38  # false for NaN and inf
     scale = tl.where(finite, scale, float("nan"))
     use = finite & (scale > 0.0)
-    safe = tl.where(use, scale, 1.0)
+    if STATIC:  # the finite elements of a bad row are still quantized (its NaN scale marks the token)
+        safe = tl.full((BLOCK_M,), 1.0, tl.float32) * static_scale
+    else:
+        safe = tl.where(use, scale, 1.0)
     tl.store(scale_ptr + rows, scale, mask=mask_m)
     if HAS_LORA:
         tl.store(la_ptr + rows64[:, None] * R + offs_r[None, :], lacc, mask=mask_m[:, None] & (offs_r < R)[None, :])
@@ -137,14 +144,19 @@ def _quant8_kernel(
         if HAS_SMOOTH:
             sm = tl.load(smooth_ptr + ks, mask=mask_k, other=1.0)
             xs = tl.div_rn(xs, tl.broadcast_to(sm[None, :], (BLOCK_M, BLOCK_K)))
+        if STATIC:  # element-wise: a non-finite value becomes code 0, the rest of its row is quantized
+            xs = tl.where((xs == xs) & (tl.abs(xs) <= 3.4028234663852886e38), xs, 0.0)
+            keep = tl.full((BLOCK_M, BLOCK_K), 1, tl.int1)
+        else:  # per-token: a zero row (scale 0) or a non-finite row is all zeros
+            keep = tl.broadcast_to(use[:, None], (BLOCK_M, BLOCK_K))
         y = tl.div_rn(xs, tl.broadcast_to(safe[:, None], (BLOCK_M, BLOCK_K)))
         if IS_FP8:
             y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            bits = tl.where(use[:, None], _e4m3_bits(y), 0)
+            bits = tl.where(keep, _e4m3_bits(y), 0)
         else:
             y = tl.minimum(tl.maximum(y, -127.0), 127.0)
             y = (y + 12582912.0) - 12582912.0  # round half to even (|y| <= 127 < 2^22)
-            bits = tl.where(use[:, None], y.to(tl.int32), 0)
+            bits = tl.where(keep, y.to(tl.int32), 0)
         tl.store(q_ptr + rows64[:, None] * K + ks[None, :], (bits & 0xFF).to(tl.uint8), mask=mask)
 
 
@@ -153,11 +165,13 @@ def interpreted() -> bool:
 
 
 def quantize_8bit_triton(x: Tensor, smooth: Tensor | None, lora_down: Tensor | None, mode: str, *,
-                         out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                         out: tuple[Tensor, Tensor, Tensor] | None = None, static_scale: float | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """``(q int8 | e4m3 [M, K], scales fp32 [M], lora_act fp32 [M, R])`` of ``x [M, K]`` (bf16/fp16), as the
     references compute them. ``smooth`` fp32 [K] or None; ``lora_down [R, K]`` in x's dtype (R <= 256) or
-    None (then lora_act is ``[M, 0]``). ``out``: the three tensors to write (tests poison them). Inputs are
-    assumed validated by the op layer."""
+    None (then lora_act is ``[M, 0]``). ``out``: the three tensors to write (tests poison them).
+    ``static_scale``: one scale for every token (``reference.quantize_act_static``) instead of per-token.
+    Inputs are assumed validated by the op layer."""
     if mode not in MODES:
         raise ValueError(f"quantize_8bit_triton: mode must be one of {MODES}, got {mode!r}")
     M, K = x.shape
@@ -183,10 +197,10 @@ def quantize_8bit_triton(x: Tensor, smooth: Tensor | None, lora_down: Tensor | N
     with guard:
         _quant8_kernel[(triton.cdiv(M, block_m),)](
             x, smooth if smooth is not None else x, lora_down if R else x, q.view(torch.uint8), scales,
-            lora_act if R else scales, M, K, R,
+            lora_act if R else scales, M, K, R, 1.0 if static_scale is None else float(static_scale),
             IS_FP8=mode == "fp8", HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0,
             EMULATE_16BIT_DOT=interpreted(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-            num_warps=warps, num_stages=2 if not interpreted() else 1)
+            STATIC=static_scale is not None, num_warps=warps, num_stages=2 if not interpreted() else 1)
     return q, scales, lora_act
 
 

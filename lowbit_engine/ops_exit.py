@@ -13,9 +13,9 @@ producer can quantize each tile as it computes it (docs/formats.md, "Exit quanti
   attention output, and the unfused form of the above).
 
 Backends: ``triton`` (CUDA; M > ``w4_expand.SMALL_M`` runs expand + the 8-bit GEMM with the exit epilogue;
-at small M the direct kernel writes h and the exit runs as torch ops on that small tensor), ``cpu``
+at small M the direct kernel writes h and the exit runs as torch ops on that small tensor;
+``quantize_act_static`` is the 8-bit quantizer of kernels/quant8.py with its ``STATIC`` switch), ``cpu``
 (csrc/cpu/exit_quant.cpp after the C++ GEMM), ``torch`` (the references; warns once on CUDA tensors).
-``quantize_act_static`` has no Triton kernel yet: on CUDA it runs the torch reference and says so.
 
 Example:
     >>> import torch
@@ -89,7 +89,7 @@ def _quantize_act_static(x: Tensor, scale: float, smooth: Optional[Tensor], lora
 
     def why() -> str:
         return ("the native module lowbit_engine._C is not built" if x.device.type == "cpu"
-                else "no GPU kernel for the static quantizer yet (the exit GEMM's epilogue is the fused path)")
+                else f"no Triton kernel applies on {x.device.type} (Triton missing, or rank > 256)")
 
     return _dispatch.run("quantize_act_static", args, why)
 
@@ -216,9 +216,18 @@ def _register() -> None:
     _dispatch.register("quantize_act_static", "cpu", lambda x, *a: on_cpu(x), _static_cpu)
     _dispatch.register("gemm_w4a8_exit", "cpu", lambda fmt, act, *a: on_cpu(act), _exit_cpu_backend)
     try:
-        from .kernels import gemm8, w4_expand
+        from .kernels import gemm8, quant8, w4_expand
     except ImportError:
         return
+
+    def static_applies(x, scale, smooth, lora_down, mode) -> bool:
+        return (x.is_cuda and not quant8.interpreted()
+                and (lora_down is None or lora_down.shape[0] <= quant8.MAX_RANK))
+
+    def static_run(x, scale, smooth, lora_down, mode):
+        return quant8.quantize_8bit_triton(x.contiguous(), smooth, lora_down, mode, static_scale=scale)
+
+    _dispatch.register("quantize_act_static", "triton", static_applies, static_run)
 
     def applies(fmt, act, *a) -> bool:
         return (not (gemm8.interpreted() or w4_expand.interpreted())

@@ -215,3 +215,25 @@ def test_static_quantizer_rejects_bad_arguments(bad, match):
     kw = dict(scale=0.1, smooth=None, lora_down=None, mode="fp8") | bad
     with pytest.raises(OpInputError, match=match):
         ops_exit.quantize_act_static(torch.ones(4, 64, dtype=BF), **kw)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("M, K, R", [(1, 64, 0), (17, 192, 16), (40, 320, 8)])
+def test_static_quantizer_triton_is_bit_exact(gen, mode, M, K, R):
+    """kernels/quant8.py with STATIC: the reference's codes and scales bit for bit, non-finite rows included."""
+    q8 = load_interpreted("quant8.py")
+    x = (torch.randn(M, K, generator=gen) * 3).to(BF)
+    if M > 5:
+        x[3, 5] = float("nan")
+        x[M - 1] = 0.0
+    sm = torch.rand(K, generator=gen) + 0.5
+    ld = (torch.randn(R, K, generator=gen) * 0.1).to(BF) if R else None
+    poison = (torch.full((M, K), 0x5A, dtype=torch.uint8).view(E4M3 if mode == "fp8" else torch.int8),
+              torch.full((M,), -1.0), torch.full((M, R), float("nan")))
+    q, s, la = q8.quantize_8bit_triton(x, sm, ld, mode, out=poison, static_scale=0.01)
+    qr, sr, lr = reference.quantize_act_static(x, 0.01, sm, ld, mode)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    assert torch.equal(torch.isnan(s), torch.isnan(sr)) and torch.equal(s[~torch.isnan(s)], sr[~torch.isnan(sr)])
+    if R:
+        ok = torch.isfinite(lr).all(dim=1)
+        assert ((la[ok] - lr[ok]).norm() / lr[ok].norm()).item() < 1e-5
