@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from .diffusers import LoadReport, last_report, load, save
+from .nunchaku import NunchakuReport, load_nunchaku
 from .policies import POLICIES, Policy, Rule, policy_for
 
-__all__ = ["load", "save", "last_report", "LoadReport", "Policy", "Rule", "POLICIES", "policy_for"]
+__all__ = ["load", "save", "last_report", "LoadReport", "load_nunchaku", "NunchakuReport", "Policy", "Rule", "POLICIES", "policy_for"]

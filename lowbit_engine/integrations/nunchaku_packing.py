@@ -168,5 +168,49 @@ def unpack_lowrank(w: Tensor, down: bool) -> Tensor:
     return frags.permute(0, 2, 1, 3).reshape(C, R)
 
 
+# ---- a whole W4A4 linear -------------------------------------------------------------------------
+
+
+def _pad_to(t: Tensor, dims: dict[int, int], value: float = 0) -> Tensor:
+    """``t`` padded at the end of each ``dim`` to a multiple of ``dims[dim]`` with ``value``."""
+    for d, m in dims.items():
+        extra = -t.shape[d] % m
+        if extra:
+            shape = list(t.shape)
+            shape[d] = extra
+            t = torch.cat([t, t.new_full(shape, value)], dim=d)
+    return t
+
+
+def pack_linear(codes: Tensor, scales: Tensor, smooth: Tensor, lora_down: Tensor, lora_up: Tensor,
+                bias: Tensor | None = None) -> dict[str, Tensor]:
+    """The tensors of one Nunchaku W4A4 linear (names of its C++ loader) from row-major parts.
+
+    ``codes [N, K]`` int4 values, ``scales [N, K/64]``, ``smooth [K]``, ``lora_down [R, K]``,
+    ``lora_up [N, R]``, ``bias [N]``: 16-bit floats. Padded the way deepcompressor's converter pads: N and
+    K to 128 (codes 0, scales and smooth 1, bias 0), R to 16 (zeros). Written for tests and tools that
+    need a file in Nunchaku's layout.
+
+    Example:
+        >>> N, K, R = 128, 128, 16
+        >>> t = pack_linear(torch.zeros(N, K, dtype=torch.int8), torch.ones(N, K // 64, dtype=torch.bfloat16),
+        ...                 torch.ones(K, dtype=torch.bfloat16), torch.zeros(R, K, dtype=torch.bfloat16),
+        ...                 torch.zeros(N, R, dtype=torch.bfloat16))
+        >>> {k: tuple(v.shape) for k, v in t.items()}
+        {'qweight': (128, 64), 'wscales': (2, 128), 'smooth': (128,), 'lora_down': (128, 16), 'lora_up': (128, 16)}
+    """
+    codes = _pad_to(codes, {0: TILE_N, 1: PAD_K})
+    out = {
+        "qweight": pack_weight(codes),
+        "wscales": pack_scales(_pad_to(scales, {0: TILE_N, 1: PAD_K // 64}, 1)),
+        "smooth": pack_vector(_pad_to(smooth, {0: PAD_K}, 1)),
+        "lora_down": pack_lowrank(_pad_to(lora_down, {0: FRAG, 1: PAD_K}), down=True),
+        "lora_up": pack_lowrank(_pad_to(lora_up, {0: TILE_N, 1: FRAG}), down=False),
+    }
+    if bias is not None:
+        out["bias"] = pack_vector(_pad_to(bias, {0: TILE_N}))
+    return out
+
+
 __all__ = ["pack_weight", "unpack_weight", "pack_scales", "unpack_scales", "pack_vector", "unpack_vector",
-           "pack_lowrank", "unpack_lowrank", "TILE_N", "TILE_K", "PAD_K", "FRAG"]
+           "pack_lowrank", "unpack_lowrank", "pack_linear", "TILE_N", "TILE_K", "PAD_K", "FRAG"]
