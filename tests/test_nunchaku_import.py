@@ -18,6 +18,7 @@ from lowbit_engine.errors import CheckpointError
 from lowbit_engine.formats import int4
 from lowbit_engine.integrations import load_nunchaku
 from lowbit_engine.integrations import nunchaku_packing as P
+from lowbit_engine.integrations.nunchaku import GELU_SHIFT
 from lowbit_engine.nn import SVDQLinear
 
 BF = torch.bfloat16
@@ -44,14 +45,27 @@ def _quantized_linear(g: torch.Generator, K: int, N: int) -> dict[str, torch.Ten
             "bias": (0.1 * torch.randn(N, generator=g)).to(BF)}
 
 
-def _ref(lin: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """float64 reference of one Nunchaku W4A4 linear on bf16 x: the engine's int4 token quantizer of
-    x / smooth, the weight from the codes, the low-rank branch on the raw x, the bias."""
-    q, s, lora_act = reference.quantize_act(x, lin["smooth"].float(), lin["lora_down"], "int4")
+def _wq(lin: dict[str, torch.Tensor]) -> torch.Tensor:
+    N, K = lin["codes"].shape
+    return (lin["codes"].double().reshape(N, K // 64, 64) * lin["scales"].double()[..., None]).reshape(N, K)
+
+
+def _bias(lin: dict[str, torch.Tensor], shifted: bool) -> torch.Tensor:
+    """The file's bias, plus, for an fc2, what Nunchaku's shifted residual input adds: shift * W @ (1 / smooth)."""
+    b = lin["bias"].double()
+    return b + GELU_SHIFT * (_wq(lin) @ (1 / lin["smooth"].double())) if shifted else b
+
+
+def _ref(lin: dict[str, torch.Tensor], x: torch.Tensor, shifted: bool, mode: str = "int4") -> torch.Tensor:
+    """float64 reference of one Nunchaku W4A4 linear on bf16 x: the engine's token quantizer of x / smooth,
+    the weight from the codes, the low-rank branch on the raw x, the (fc2: shift-corrected) bias."""
+    q, s, lora_act = reference.quantize_act(x, lin["smooth"].float(), lin["lora_down"], mode)
     M, K = x.shape
-    a = (int4.unpack(q).double().reshape(M, K // 64, 64) * s.double()[..., None]).reshape(M, K)
-    wq = (lin["codes"].double().reshape(-1, K // 64, 64) * lin["scales"].double()[..., None]).reshape(-1, K)
-    return a @ wq.T + lora_act.double() @ lin["lora_up"].double().T + lin["bias"].double()
+    if mode == "int4":
+        a = (int4.unpack(q).double().reshape(M, K // 64, 64) * s.double()[..., None]).reshape(M, K)
+    else:
+        a = q.double() * s.double()[:, None]
+    return a @ _wq(lin).T + lora_act.double() @ lin["lora_up"].double().T + _bias(lin, shifted)
 
 
 def _spell(parts: dict[str, torch.Tensor], diffusers_style: bool) -> dict[str, torch.Tensor]:
@@ -170,10 +184,21 @@ def _layers(model, parts):
             target = {"qkv_proj": "attn.to_qkv", "mlp_fc1": "proj_mlp"}[nk]
         else:
             target = TARGET[nk]
-        out.append((model.get_submodule(f"{head}.{target}"), [lin]))
+        out.append((model.get_submodule(f"{head}.{target}"), [(lin, nk in ("mlp_fc2", "mlp_context_fc2"))]))
     s = "single_transformer_blocks.0"
-    out.append((model.get_submodule(f"{s}.proj_out"), [parts[f"{s}.out_proj"], parts[f"{s}.mlp_fc2"]]))
+    out.append((model.get_submodule(f"{s}.proj_out"),
+                [(parts[f"{s}.out_proj"], False), (parts[f"{s}.mlp_fc2"], True)]))
     return out
+
+
+def _ref_layer(lins, x: torch.Tensor, mode: str = "int4") -> torch.Tensor:
+    """A merged layer is the sum of its parts on their K-slices."""
+    k, ref = 0, 0
+    for lin, shifted in lins:
+        kk = lin["codes"].shape[1]
+        ref = ref + _ref(lin, x[:, k:k + kk], shifted, mode)
+        k += kk
+    return ref
 
 
 def test_import_holds_the_exact_codes_and_matches_the_float64_reference(synth, gen):
@@ -186,18 +211,15 @@ def test_import_holds_the_exact_codes_and_matches_the_float64_reference(synth, g
     assert sum(len(v) for v in report.skipped.values()) == 12 + 1 + 4  # AWQ, one smooth_orig, the single block's smooth_factor_orig
     for mod, lins in _layers(model, parts):
         assert isinstance(mod, SVDQLinear) and mod.weight_layout == "g64"
-        codes = torch.cat([lin["codes"] for lin in lins], dim=1)
+        codes = torch.cat([lin["codes"] for lin, _ in lins], dim=1)
         assert torch.equal(int4.unpack(mod.qweight), codes)
-        assert torch.equal(mod.wscales, torch.cat([lin["scales"] for lin in lins], dim=1))
-        assert torch.equal(mod.smooth, torch.cat([lin["smooth"] for lin in lins]).float())
+        assert torch.equal(mod.wscales, torch.cat([lin["scales"] for lin, _ in lins], dim=1))
+        assert torch.equal(mod.smooth, torch.cat([lin["smooth"] for lin, _ in lins]).float())
+        bias = sum(_bias(lin, shifted) for lin, shifted in lins)
+        assert ((mod.bias.double() - bias).abs() <= 2 ** -8 * bias.abs()).all()  # one bf16 rounding (half an ulp)
         x = torch.randn(17, mod.in_features, generator=gen).to(BF)
-        y = mod(x).double()
-        k, ref = 0, 0
-        for lin in lins:  # a merged layer is the sum of its halves on their K-slices
-            kk = lin["codes"].shape[1]
-            ref = ref + _ref(lin, x[:, k:k + kk])
-            k += kk
-        err = ((y - ref).norm() / ref.norm()).item()
+        ref = _ref_layer(lins, x)
+        err = ((mod(x).double() - ref).norm() / ref.norm()).item()
         assert err < 4e-3, err  # bf16 output rounding (2^-9 relative) and fp32 accumulation
     assert torch.equal(model.transformer_blocks[0].attn.norm_added_k.weight,
                        tensors["transformer_blocks.0.norm_added_k.weight"])
@@ -211,20 +233,6 @@ def test_import_holds_the_exact_codes_and_matches_the_float64_reference(synth, g
     assert out.shape == latents.shape and torch.isfinite(out.float()).all()
 
 
-def _ref_fp8_tokens(lins: list[dict[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
-    """float64 output of the file's exact (g64) weights on e4m3 tokens: what an f8l layer approximates."""
-    k, out = 0, 0
-    for lin in lins:
-        K = lin["codes"].shape[1]
-        xs = x[:, k:k + K]
-        q, s, lora_act = reference.quantize_act(xs, lin["smooth"].float(), lin["lora_down"], "fp8")
-        wq = (lin["codes"].double().reshape(-1, K // 64, 64) * lin["scales"].double()[..., None]).reshape(-1, K)
-        out = out + (q.double() * s.double()[:, None]) @ wq.T + lora_act.double() @ lin["lora_up"].double().T
-        out = out + lin["bias"].double()
-        k += K
-    return out
-
-
 def test_f8l_import_stays_within_the_layer_conversion_tolerance(synth, gen):
     _, _, parts, _, path = synth
     model = _fresh(synth)
@@ -233,7 +241,7 @@ def test_f8l_import_stays_within_the_layer_conversion_tolerance(synth, gen):
     for mod, lins in _layers(model, parts):
         assert mod.weight_layout == "f8l" and mod.act_mode == "fp8"
         x = torch.randn(16, mod.in_features, generator=gen).to(BF)
-        ref = _ref_fp8_tokens(lins, x)
+        ref = _ref_layer(lins, x, "fp8")  # the file's exact g64 weights on e4m3 tokens
         err = ((mod(x).double() - ref).norm() / ref.norm()).item()
         assert err < 0.05, err  # the g64 -> f8l requantization alone (test_svdq_linear's layer bound)
 

@@ -79,6 +79,11 @@ _SPELLINGS = {
 }
 _BY_SPELLING = {s: canon for canon, spellings in _SPELLINGS.items() for s in spellings}
 _NVFP4_MARKS = ("wtscale", "wcscales")
+# Nunchaku's int4 MLPs fuse GELU into fc1's epilogue and quantize fc2's input unsigned after adding this shift
+# (SHIFT_GELU in its gemm_w4a4 launcher); the low-rank branch sees the unshifted GELU output. fc2's bias in
+# the file is made for that shifted residual input, so it is corrected here for an unshifted one.
+GELU_SHIFT = 0.171875
+_SHIFTED = ("mlp_fc2", "mlp_context_fc2")
 _FIQKV = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
           "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 
@@ -159,8 +164,13 @@ def _find(f: _File, prefix: str, canon: str) -> str | None:
     return found[0] if found else None
 
 
-def _read_linear(f: _File, prefix: str, K: int, N: int, has_bias: bool) -> dict[str, Any]:
-    """Check and unpack one Nunchaku W4A4 linear for a model linear of ``K`` in, ``N`` out (row-major out)."""
+def _read_linear(f: _File, prefix: str, K: int, N: int, has_bias: bool, shift: float = 0.0) -> dict[str, Any]:
+    """Check and unpack one Nunchaku W4A4 linear for a model linear of ``K`` in, ``N`` out (row-major out).
+
+    ``shift``: Nunchaku feeds this linear's residual ``(x + shift) / smooth`` (an MLP's fc2); the bias returned
+    is the one for ``x / smooth``: ``bias + shift * (codes * scales) @ (1 / smooth)``. The bias comes back in
+    float64 (rounded to bf16 once, by :func:`_build`).
+    """
     Kp, Np = _pad128(K), _pad128(N)
     keys = {c: _find(f, prefix, c) for c in _SPELLINGS}
     for mark in _NVFP4_MARKS:
@@ -198,16 +208,22 @@ def _read_linear(f: _File, prefix: str, K: int, N: int, has_bias: bool) -> dict[
     sm = P.unpack_vector(smooth)[:K]
     if not (torch.isfinite(sm.float()).all() and (sm != 0).all()):
         raise f.error(keys["smooth"], "the smoothing factor divides x: it must be finite and non-zero")
-    out = {
-        "codes": P.unpack_weight(qweight)[:N, :K],
-        "scales": P.unpack_scales(wscales)[:N, : K // 64],
-        "smooth": sm,
+    codes = P.unpack_weight(qweight)[:N, :K]
+    scales = P.unpack_scales(wscales)[:N, : K // 64]
+    # float64 until the module is built, so that a shift and a merge round only once
+    b = None if bias is None else P.unpack_vector(bias)[:N].double()
+    if shift:
+        if b is None:
+            raise CheckpointError(f"{f.path}: {prefix} takes a shifted input (Nunchaku's unsigned fc2) and needs "
+                                  f"a bias to absorb the shift; the model's linear has none")
+        wq = (codes.double().reshape(N, K // 64, 64) * scales.double()[..., None]).reshape(N, K)
+        b = b + shift * (wq @ (1.0 / sm.double()))
+    return {
+        "codes": codes, "scales": scales, "smooth": sm, "bias": b,
         "lora_down": P.unpack_lowrank(down, down=True)[:, :K] if R else down.new_zeros(0, K),
         "lora_up": P.unpack_lowrank(up, down=False)[:N] if R else up.new_zeros(N, 0),
-        "bias": None if bias is None else P.unpack_vector(bias)[:N],
         "keys": [k for k in keys.values() if k is not None],
     }
-    return out
 
 
 def _merge_k(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -221,9 +237,8 @@ def _merge_k(parts: list[dict[str, Any]]) -> dict[str, Any]:
         down[r:r + pr, k:k + pk] = p["lora_down"]
         r, k = r + pr, k + pk
     biases = [p["bias"] for p in parts if p["bias"] is not None]
-    # summed in fp32 and rounded once; Nunchaku adds both biases in its fp32 epilogues (equal when all but
-    # one are zero, as in Nunchaku's FLUX files where mlp_fc2's single-block bias is zero)
-    bias = torch.stack([b.float() for b in biases]).sum(0).to(biases[0].dtype) if biases else None
+    # summed in float64 and rounded once (by _build); Nunchaku adds each bias in its own epilogue
+    bias = torch.stack(biases).sum(0) if biases else None
     return {
         "codes": torch.cat([p["codes"] for p in parts], dim=1),
         "scales": torch.cat([p["scales"] for p in parts], dim=1),
@@ -248,7 +263,7 @@ def _build(lin: dict[str, Any], layout: str, device: torch.device) -> SVDQLinear
         mod.lora_down.copy_(lin["lora_down"])
         mod.lora_up.copy_(lin["lora_up"])
         if lin["bias"] is not None:
-            mod.bias.copy_(lin["bias"])
+            mod.bias.copy_(lin["bias"])  # the one rounding of a shifted or merged bias
     mod.check_buffers()
     if layout != "g64":
         mod.convert_layout(layout)
@@ -317,7 +332,7 @@ def _classify(f: _File, n_blocks: dict[str, int]) -> tuple[dict[str, list[str]],
 
 @torch.no_grad()
 def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str = "auto",
-                  progress: bool = False) -> NunchakuReport:
+                  fc2_input_shift: float = GELU_SHIFT, progress: bool = False) -> NunchakuReport:
     """Load a Nunchaku SVDQuant int4 FLUX.1 checkpoint into a diffusers ``FluxTransformer2DModel``, in place.
 
     Args:
@@ -325,6 +340,9 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
         path: the ``.safetensors`` file (e.g. ``svdq-int4_r32-flux.1-dev.safetensors``).
         weight_layout: "auto" (``f8l`` where the GPU has no int4 tensor cores, else ``g64``), "g64" (the
             file's weights exactly, W4A4), "f8l" (fp8 tokens) or "i8q" (int8 tokens; costs fidelity).
+        fc2_input_shift: the shift Nunchaku adds to every MLP fc2 input before its unsigned int4
+            quantization (0.171875 in its kernels); folded into those layers' biases, since this engine
+            feeds them the unshifted GELU output. 0 for a file whose fc2 biases assume no shift.
         progress: print the report.
 
     Returns:
@@ -364,11 +382,14 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
             base = f"{head}.{i}"
             for nk, target in table.items():
                 K, N, has_bias = _linear_shape(block, target)
-                built[f"{base}.{target}"] = _build(_read_linear(f, f"{base}.{nk}", K, N, has_bias), layout, device)
+                shift = fc2_input_shift if nk in _SHIFTED else 0.0
+                lin = _read_linear(f, f"{base}.{nk}", K, N, has_bias, shift)
+                built[f"{base}.{target}"] = _build(lin, layout, device)
             if head == SINGLE:
                 out = block.get_submodule("proj_out")
                 k2 = block.get_submodule("proj_mlp").out_features
-                halves = [_read_linear(f, f"{base}.{nk}", k, out.out_features, out.bias is not None)
+                halves = [_read_linear(f, f"{base}.{nk}", k, out.out_features, out.bias is not None,
+                                       fc2_input_shift if nk in _SHIFTED else 0.0)
                           for nk, k in zip(_SINGLE_MERGED, (out.in_features - k2, k2))]
                 built[f"{base}.proj_out"] = _build(_merge_k(halves), layout, device)
                 report.merged[f"{base}.proj_out"] = [f"{base}.{nk}" for nk in _SINGLE_MERGED]
