@@ -246,8 +246,16 @@ def test_f8l_import_stays_within_the_layer_conversion_tolerance(synth, gen):
         assert err < 0.05, err  # the g64 -> f8l requantization alone (test_svdq_linear's layer bound)
 
 
-def test_auto_layout_on_a_cpu_is_g64(synth):
+def test_auto_layout_on_a_cpu_is_g64_and_a_prefused_model_loads(synth):
+    from lowbit_engine.integrations.diffusers import fuse_qkv
+
     assert load_nunchaku(_fresh(synth), synth[4]).weight_layout == "g64"
+    model = _fresh(synth)
+    assert fuse_qkv(model)[0]
+    report = load_nunchaku(model, synth[4])
+    assert report.qkv_note == "the model's Q/K/V were already fused" and len(report.quantized) == 11
+    with pytest.raises(CheckpointError, match="already quantized"):  # a second import: the layers are gone
+        load_nunchaku(model, synth[4])
 
 
 # ---- failures leave the model as it was ----------------------------------------------------------

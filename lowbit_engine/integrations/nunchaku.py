@@ -265,22 +265,24 @@ def _build(lin: dict[str, Any], layout: str, device: torch.device) -> SVDQLinear
         if lin["bias"] is not None:
             mod.bias.copy_(lin["bias"])  # the one rounding of a shifted or merged bias
     mod.check_buffers()
+    mod = mod.to(device)  # convert where the model runs: the scale search is much faster on a GPU
     if layout != "g64":
         mod.convert_layout(layout)
-    return mod.to(device)
+    return mod
 
 
 # ---- the model side ------------------------------------------------------------------------------
 
 
-def _linear_shape(block: nn.Module, name: str) -> tuple[int, int, bool]:
-    """(K, N, bias) the model's linear ``name`` of ``block`` has, or will have once Q/K/V are fused."""
+def _linear_shape(block: nn.Module, base: str, name: str) -> tuple[int, int, bool]:
+    """(K, N, bias) the model's linear ``base.name`` has, or will have once Q/K/V are fused."""
     if name in _FIQKV and not _has(block, name):
         parts = [block.get_submodule(p) for p in _FIQKV[name]]
         return parts[0].in_features, sum(p.out_features for p in parts), parts[0].bias is not None
     m = block.get_submodule(name)
     if not isinstance(m, nn.Linear):
-        raise CheckpointError(f"the model's {name} is a {type(m).__name__}, not an nn.Linear (already quantized?)")
+        raise CheckpointError(f"the model's {base}.{name} is a {type(m).__name__}, not an nn.Linear "
+                              f"(already quantized?)")
     return m.in_features, m.out_features, m.bias is not None
 
 
@@ -381,7 +383,7 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
         for i, block in enumerate(getattr(transformer, head)):
             base = f"{head}.{i}"
             for nk, target in table.items():
-                K, N, has_bias = _linear_shape(block, target)
+                K, N, has_bias = _linear_shape(block, base, target)
                 shift = fc2_input_shift if nk in _SHIFTED else 0.0
                 lin = _read_linear(f, f"{base}.{nk}", K, N, has_bias, shift)
                 built[f"{base}.{target}"] = _build(lin, layout, device)
@@ -413,11 +415,14 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
 
     # 2. the model changes: fusion (undoable), the swaps, the copies
     snap = _FusionSnapshot(transformer)
-    fused, report.qkv_note, _removed = fuse_qkv(transformer)
-    if not fused:
-        snap.restore()
-        raise CheckpointError(f"{path}: Nunchaku's qkv_proj layers need fused Q/K/V, but this model cannot "
-                              f"fuse: {report.qkv_note}")
+    if any("to_q" in m._modules for m in transformer.modules()):
+        fused, report.qkv_note, _removed = fuse_qkv(transformer)
+        if not fused:
+            snap.restore()
+            raise CheckpointError(f"{path}: Nunchaku's qkv_proj layers need fused Q/K/V, but this model cannot "
+                                  f"fuse: {report.qkv_note}")
+    else:
+        report.qkv_note = "the model's Q/K/V were already fused"
     for name, mod in built.items():
         mod.train(transformer.training)
         _set_submodule(transformer, name, mod)
@@ -425,6 +430,7 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
     for name, t in checked:
         params[name].copy_(t)  # shape checked above; casts to the model's dtype
         report.copied.append(name)
+    report.act_mode = next(iter(built.values())).act_mode if built else report.act_mode
     report.bytes_after = model_nbytes(transformer)
     report.seconds = time.perf_counter() - start
     try:
