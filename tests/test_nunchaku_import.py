@@ -229,7 +229,8 @@ def test_import_holds_the_exact_codes_and_matches_the_float64_reference(synth, g
     assert len(report.quantized) == 8 + 3 and report.weight_layout == "g64" and report.act_mode == "int4"
     assert report.merged == {"single_transformer_blocks.0.proj_out": ["single_transformer_blocks.0.out_proj",
                                                                        "single_transformer_blocks.0.mlp_fc2"]}
-    assert sum(len(v) for v in report.skipped.values()) == 12 + 1 + 4  # AWQ, one smooth_orig, the single block's smooth_factor_orig
+    # skipped: 12 AWQ tensors, one smooth_orig, the single block's four smooth_factor_orig
+    assert sum(len(v) for v in report.skipped.values()) == 12 + 1 + 4
     for mod, lins in _layers(model, parts):
         assert isinstance(mod, SVDQLinear) and mod.weight_layout == "g64"
         codes = torch.cat([lin["codes"] for lin, _ in lins], dim=1)
@@ -295,7 +296,8 @@ def _mutations():
     return {
         "missing": (lambda t: t.pop("single_transformer_blocks.0.mlp_fc1.proj_up"),
                     "single_transformer_blocks.0.mlp_fc1.lora_up"),
-        "shape": (lambda t: t.__setitem__(q, t[q][:, :128].contiguous()), r"mlp_fc2.qweight.*\(128, 256\).*\(128, 128\)"),
+        "shape": (lambda t: t.__setitem__(q, t[q][:, :128].contiguous()),
+                  r"mlp_fc2.qweight.*\(128, 256\).*\(128, 128\)"),
         "dtype": (lambda t: t.__setitem__("transformer_blocks.0.out_proj.wscales",
                                           t["transformer_blocks.0.out_proj.wscales"].half()),
                   r"out_proj.wscales.*bfloat16.*float16"),

@@ -332,6 +332,53 @@ def _classify(f: _File, n_blocks: dict[str, int]) -> tuple[dict[str, list[str]],
     return skipped, top
 
 
+def _build_all(f: _File, transformer: nn.Module, layout: str, device: torch.device, shift: float,
+               report: NunchakuReport) -> dict[str, SVDQLinear]:
+    """Every W4A4 linear of the file as an SVDQLinear of ``layout``, by the model name it replaces."""
+    built: dict[str, SVDQLinear] = {}
+    for head in (DOUBLE, SINGLE):
+        table = _DOUBLE_LINEARS if head == DOUBLE else _SINGLE_LINEARS
+        for i, block in enumerate(getattr(transformer, head)):
+            base = f"{head}.{i}"
+            for nk, target in table.items():
+                K, N, has_bias = _linear_shape(block, base, target)
+                lin = _read_linear(f, f"{base}.{nk}", K, N, has_bias, shift if nk in _SHIFTED else 0.0)
+                built[f"{base}.{target}"] = _build(lin, layout, device)
+            if head == SINGLE:  # proj_out = [out_proj | mlp_fc2] along K
+                out = block.get_submodule("proj_out")
+                k2 = block.get_submodule("proj_mlp").out_features
+                halves = [_read_linear(f, f"{base}.{nk}", k, out.out_features, out.bias is not None,
+                                       shift if nk in _SHIFTED else 0.0)
+                          for nk, k in zip(_SINGLE_MERGED, (out.in_features - k2, k2))]
+                built[f"{base}.proj_out"] = _build(_merge_k(halves), layout, device)
+                report.merged[f"{base}.proj_out"] = [f"{base}.{nk}" for nk in _SINGLE_MERGED]
+    return built
+
+
+def _check_copies(f: _File, transformer: nn.Module, top: list[str]) -> list[tuple[Tensor, Tensor, str]]:
+    """(model tensor, file tensor, model name) for every unquantized tensor of the file, all checked."""
+    params = dict(transformer.named_parameters())
+    params.update(dict(transformer.named_buffers()))
+    pairs = [(key, key) for key in top]  # (file key, model name)
+    for head in (DOUBLE, SINGLE):
+        for i in range(len(getattr(transformer, head))):
+            for norm in _NORMS[head]:
+                key = f"{head}.{i}.{norm}.weight"
+                if key in f.keys:
+                    pairs.append((key, f"{head}.{i}.attn.{norm}.weight"))
+    checked = []
+    for key, name in pairs:
+        if name not in params:
+            raise f.error(key, f"no tensor {name!r} in the model to load it into")
+        want, t = params[name], f._f.get_tensor(key)
+        if tuple(t.shape) != tuple(want.shape):
+            raise f.error(key, f"expected shape {tuple(want.shape)} (the model's {name}), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise f.error(key, f"expected a floating-point tensor, got {t.dtype}")
+        checked.append((want, t, name))
+    return checked
+
+
 @torch.no_grad()
 def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str = "auto",
                   fc2_input_shift: float = GELU_SHIFT, progress: bool = False) -> NunchakuReport:
@@ -365,8 +412,7 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
             raise TypeError(f"load_nunchaku: expected a FLUX transformer with .{DOUBLE} and .{SINGLE}, "
                             f"got {type(transformer).__name__}")
         n_blocks[head] = len(blocks)
-    ref = next(iter(transformer.parameters()))
-    device = ref.device
+    device = next(iter(transformer.parameters())).device
     layout = _auto_layout(weight_layout, device)
     f = _File(Path(path))
     report = NunchakuReport(str(path), layout, w4_layouts.ACTS[layout][0] if layout != "g64" else "int4",
@@ -374,44 +420,8 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
     report.skipped, top = _classify(f, n_blocks)
 
     # 1. everything read, checked and built on the side
-    built: dict[str, SVDQLinear] = {}
-    copies: list[tuple[str, Tensor, str]] = []  # (model tensor name, file tensor, file key)
-    params = dict(transformer.named_parameters())
-    params.update(dict(transformer.named_buffers()))
-    for head in (DOUBLE, SINGLE):
-        table = _DOUBLE_LINEARS if head == DOUBLE else _SINGLE_LINEARS
-        for i, block in enumerate(getattr(transformer, head)):
-            base = f"{head}.{i}"
-            for nk, target in table.items():
-                K, N, has_bias = _linear_shape(block, base, target)
-                shift = fc2_input_shift if nk in _SHIFTED else 0.0
-                lin = _read_linear(f, f"{base}.{nk}", K, N, has_bias, shift)
-                built[f"{base}.{target}"] = _build(lin, layout, device)
-            if head == SINGLE:
-                out = block.get_submodule("proj_out")
-                k2 = block.get_submodule("proj_mlp").out_features
-                halves = [_read_linear(f, f"{base}.{nk}", k, out.out_features, out.bias is not None,
-                                       fc2_input_shift if nk in _SHIFTED else 0.0)
-                          for nk, k in zip(_SINGLE_MERGED, (out.in_features - k2, k2))]
-                built[f"{base}.proj_out"] = _build(_merge_k(halves), layout, device)
-                report.merged[f"{base}.proj_out"] = [f"{base}.{nk}" for nk in _SINGLE_MERGED]
-            for norm in _NORMS[head]:
-                key = f"{base}.{norm}.weight"
-                if key in f.keys:
-                    copies.append((f"{base}.attn.{norm}.weight", None, key))  # type: ignore[arg-type]
-    for key in top:
-        copies.append((key, None, key))  # type: ignore[arg-type]
-    checked = []
-    for name, _, key in copies:
-        if name not in params:
-            raise f.error(key, f"no tensor {name!r} in the model to load it into")
-        want = params[name]
-        t = f._f.get_tensor(key)
-        if tuple(t.shape) != tuple(want.shape):
-            raise f.error(key, f"expected shape {tuple(want.shape)} (the model's {name}), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise f.error(key, f"expected a floating-point tensor, got {t.dtype}")
-        checked.append((name, t))
+    built = _build_all(f, transformer, layout, device, fc2_input_shift, report)
+    checked = _check_copies(f, transformer, top)
 
     # 2. the model changes: fusion (undoable), the swaps, the copies
     snap = _FusionSnapshot(transformer)
@@ -427,8 +437,8 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
         mod.train(transformer.training)
         _set_submodule(transformer, name, mod)
         report.quantized.append(name)
-    for name, t in checked:
-        params[name].copy_(t)  # shape checked above; casts to the model's dtype
+    for want, t, name in checked:
+        want.copy_(t)  # shape checked above; casts to the model's dtype
         report.copied.append(name)
     report.act_mode = next(iter(built.values())).act_mode if built else report.act_mode
     report.bytes_after = model_nbytes(transformer)
