@@ -29,11 +29,16 @@ Names (Nunchaku's "v1" file, read from its loaders; docs/formats.md "Nunchaku"):
   Nunchaku's files: not imported (the report lists them), the model keeps its own;
 * every other key outside the blocks must name a tensor of the model with the same shape: copied.
 
+Every MLP fc2 (``mlp_fc2``, ``mlp_context_fc2``) gets, in Nunchaku, ``gelu + 0.171875`` on its residual path
+(unsigned int4 tokens) and the plain GELU output on its low-rank branch; its bias in the file is made for
+that. This engine feeds the plain GELU output, so ``0.171875 * W @ (1 / smooth)`` is added to that bias.
+
 Each W4A4 linear's tensors: ``qweight``, ``wscales``, ``bias``, ``smooth`` (or ``smooth_factor``),
 ``lora_down`` / ``lora_up`` (or ``proj_down`` / ``proj_up``), and the unused ``smooth_orig`` /
 ``smooth_factor_orig``. ``wtscale`` / ``wcscales`` mark an NVFP4 checkpoint: refused.
 
 Example:
+    >>> report = load_nunchaku(pipe, "svdq-int4_r32-flux.1-dev.safetensors")  # doctest: +SKIP
     >>> load_nunchaku(nn.Linear(64, 64), "svdq-int4_r32-flux.1-dev.safetensors")
     Traceback (most recent call last):
     ...
