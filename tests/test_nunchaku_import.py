@@ -247,6 +247,9 @@ def test_import_holds_the_exact_codes_and_matches_the_float64_reference(synth, g
                        tensors["transformer_blocks.0.norm_added_k.weight"])
     assert torch.equal(model.x_embedder.weight, tensors["x_embedder.weight"])
     assert "x_embedder.weight" in report.copied
+    adaln = model.transformer_blocks[0].norm1.linear  # AWQ in the file: the model's own stays
+    assert type(adaln) is torch.nn.Linear
+    assert torch.equal(adaln.weight, synth[0].transformer_blocks[0].norm1.linear.weight)
     latents = torch.randn(1, 16, 16, generator=gen).to(BF)
     ids = torch.zeros(16, 3)
     out = model(hidden_states=latents, encoder_hidden_states=emb["prompt_embeds"],
@@ -286,6 +289,24 @@ def test_auto_layout_on_a_cpu_is_g64_and_a_prefused_model_loads(synth):
     assert report.qkv_note == "the model's Q/K/V were already fused" and len(report.quantized) == 11
     with pytest.raises(CheckpointError, match="already quantized"):  # a second import: the layers are gone
         load_nunchaku(model, synth[4])
+
+
+def test_padded_tensors_are_cropped_to_the_model_shapes(tmp_path, gen):
+    # Nunchaku pads N and K to 128 and R to 16; a model linear of K=192, N=200 reads the top-left corner
+    from lowbit_engine.integrations.nunchaku import _File, _read_linear
+
+    K, N = 192, 200
+    lin = _quantized_linear(gen, K, N)
+    lin["lora_down"], lin["lora_up"] = lin["lora_down"][:10], lin["lora_up"][:, :10]  # rank 10 -> padded 16
+    packed = P.pack_linear(lin["codes"], lin["scales"], lin["smooth"], lin["lora_down"], lin["lora_up"], lin["bias"])
+    assert packed["qweight"].shape == (256, 128) and packed["lora_down"].shape == (256, 16)
+    path = tmp_path / "padded.safetensors"
+    save_file({f"blk.{k}": v for k, v in packed.items()}, str(path))
+    got = _read_linear(_File(path), "blk", K, N, has_bias=True)
+    assert torch.equal(got["codes"], lin["codes"]) and torch.equal(got["scales"], lin["scales"])
+    assert torch.equal(got["smooth"], lin["smooth"]) and torch.equal(got["bias"], lin["bias"].double())
+    assert torch.equal(got["lora_down"][:10], lin["lora_down"]) and not got["lora_down"][10:].any()
+    assert torch.equal(got["lora_up"][:, :10], lin["lora_up"]) and not got["lora_up"][:, 10:].any()
 
 
 # ---- failures leave the model as it was ----------------------------------------------------------
