@@ -424,9 +424,9 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
                             bytes_before=model_nbytes(transformer))
     report.skipped, top = _classify(f, n_blocks)
 
-    # 1. everything read, checked and built on the side
-    built = _build_all(f, transformer, layout, device, fc2_input_shift, report)
+    # 1. everything read, checked and built on the side (the cheap checks first)
     checked = _check_copies(f, transformer, top)
+    built = _build_all(f, transformer, layout, device, fc2_input_shift, report)
 
     # 2. the model changes: fusion (undoable), the swaps, the copies
     snap = _FusionSnapshot(transformer)
