@@ -325,6 +325,10 @@ def _mutations():
         "qweight dtype": (lambda t: t.__setitem__(q, t[q].view(torch.uint8)), r"mlp_fc2.qweight.*int8.*uint8"),
         "extra": (lambda t: t.__setitem__("transformer_blocks.0.mlp_fc3.qweight", t[q].clone()), "mlp_fc3"),
         "extra block": (lambda t: t.__setitem__("transformer_blocks.5.mlp_fc2.qweight", t[q].clone()), "no block"),
+        "nan": (lambda t: t["transformer_blocks.0.mlp_fc1.lora_up"].__setitem__((0, 0), float("nan")),
+                r"mlp_fc1.lora_up.*non-finite"),
+        "zero smooth": (lambda t: t["single_transformer_blocks.0.qkv_proj.smooth_factor"].__setitem__(5, 0.0),
+                        r"qkv_proj.smooth_factor.*non-zero"),
         "nvfp4": (lambda t: t.__setitem__("transformer_blocks.0.qkv_proj.wtscale", torch.ones(1)), "NVFP4"),
         "unknown top": (lambda t: t.__setitem__("not_in_model.weight", torch.ones(3)), "not_in_model"),
         "top shape": (lambda t: t.__setitem__("x_embedder.weight", torch.ones(128, 17, dtype=BF)),
@@ -335,7 +339,7 @@ def _mutations():
 @pytest.mark.parametrize("case", list(_mutations()))
 def test_a_bad_checkpoint_raises_and_leaves_the_model_bit_identical(synth, tmp_path, case):
     mutate, match = _mutations()[case]
-    tensors = dict(synth[3])
+    tensors = {k: v.clone() for k, v in synth[3].items()}  # some mutations write in place
     mutate(tensors)
     path = tmp_path / "bad.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))

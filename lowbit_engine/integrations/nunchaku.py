@@ -208,8 +208,9 @@ def _read_linear(f: _File, prefix: str, K: int, N: int, has_bias: bool, shift: f
     down = f.get(keys["lora_down"], (Kp, R), (dtype,))
     up = f.get(keys["lora_up"], (Np, R), (dtype,))
     bias = f.get(keys["bias"], (Np,), (dtype,)) if has_bias else None
-    if not torch.isfinite(wscales.float()).all():
-        raise f.error(keys["wscales"], "non-finite group scales")
+    for canon, t in (("wscales", wscales), ("lora_down", down), ("lora_up", up), ("bias", bias)):
+        if t is not None and not torch.isfinite(t.float()).all():
+            raise f.error(keys[canon], "non-finite values")
     sm = P.unpack_vector(smooth)[:K]
     if not (torch.isfinite(sm.float()).all() and (sm != 0).all()):
         raise f.error(keys["smooth"], "the smoothing factor divides x: it must be finite and non-zero")
