@@ -8,6 +8,7 @@ layer must hold exactly those codes and match a float64 reference built from the
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -97,7 +98,9 @@ def synth(tmp_path_factory):
         tensors[f"{awq}.bias"] = torch.rand(768, generator=g).to(BF)
     tensors["x_embedder.weight"] = torch.randn(128, 16, generator=g).to(BF)
     path = tmp_path_factory.mktemp("nunchaku") / "svdq-int4_r16-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    meta = {"model_class": "NunchakuFluxTransformer2dModel", "quantization_config": json.dumps(
+        {"method": "svdquant", "weight": {"dtype": "int4", "group_size": 64}, "rank": RANK})}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
     return transformer, emb, parts, tensors, path
 
 
@@ -352,6 +355,17 @@ def test_a_bad_checkpoint_raises_and_leaves_the_model_bit_identical(synth, tmp_p
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert [(n, type(m)) for n, m in model.named_modules()] == kinds
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"model_class": "NunchakuZImageTransformer2DModel"}, "model_class"),
+    ({"quantization_config": json.dumps({"weight": {"dtype": "fp4_e2m1_all", "group_size": 16}})}, "NVFP4"),
+])
+def test_a_header_for_another_model_or_precision_is_refused(synth, tmp_path, meta, match):
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in synth[3].items()}, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match=match):
+        load_nunchaku(_fresh(synth), path)
 
 
 def test_an_unreadable_file_and_a_bad_layout_are_refused(synth, tmp_path):

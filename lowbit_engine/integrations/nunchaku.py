@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,25 @@ class _File:
         except Exception as e:  # missing, truncated, not safetensors: all one answer
             raise CheckpointError(f"{path}: cannot open as safetensors ({type(e).__name__}: {e})") from e
         self.keys = set(self._f.keys())
+        self.metadata = self._f.metadata() or {}
+
+    def check_metadata(self) -> None:
+        """Refuse what the header says is not an int4 g64 FLUX file (``nunchaku.merge_safetensors`` writes
+        ``model_class`` and a ``quantization_config`` JSON; files without them pass to the tensor checks)."""
+        cls = self.metadata.get("model_class")
+        if cls is not None and "flux" not in cls.lower():
+            raise CheckpointError(f"{self.path}: model_class {cls!r}: expected a Nunchaku FLUX transformer")
+        raw = self.metadata.get("quantization_config")
+        if raw is None:
+            return
+        try:
+            weight = json.loads(raw).get("weight", {})
+        except (ValueError, AttributeError) as e:
+            raise CheckpointError(f"{self.path}: unreadable quantization_config metadata ({e})") from e
+        got = (weight.get("dtype", "int4"), weight.get("group_size", 64))
+        if got != ("int4", 64):
+            raise CheckpointError(f"{self.path}: quantization_config weight (dtype, group_size) {got}: expected "
+                                  f"('int4', 64); NVFP4 Nunchaku checkpoints are not supported")
 
     def error(self, key: str, msg: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: tensor {key!r}: {msg}")
@@ -421,6 +441,7 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
     device = next(iter(transformer.parameters())).device
     layout = _auto_layout(weight_layout, device)
     f = _File(Path(path))
+    f.check_metadata()
     report = NunchakuReport(str(path), layout, w4_layouts.ACTS[layout][0] if layout != "g64" else "int4",
                             bytes_before=model_nbytes(transformer))
     report.skipped, top = _classify(f, n_blocks)
