@@ -20,10 +20,11 @@ __version__ = "0.1.0"  # before the imports below: checkpoints record it
 from ._build_info import build_info
 from .checkpoint import load_checkpoint
 from .integrations import last_report, load, save
+from .integrations.nunchaku import load_nunchaku
 from . import lora  # engine.lora.load / set_strength / swap / unload
 from .nn import SVDQLinear
 from .nn.svdq_linear import convert_weight_layouts
 from .quantize import quantize_linear
 
 __all__ = ["build_info", "load", "save", "last_report", "lora", "quantize_linear", "load_checkpoint", "SVDQLinear",
-           "convert_weight_layouts", "__version__"]
+           "convert_weight_layouts", "load_nunchaku", "__version__"]
