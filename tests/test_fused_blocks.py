@@ -146,12 +146,14 @@ def test_install_refuses_other_architectures():
 
 
 def _mlp_fc2s(q):
-    return [m for b in q.transformer_blocks for m in (b.ff.net[-1], b.ff_context.net[-1])]
+    return [m for b in q.transformer_blocks for m in (b.ff.net[-1], b.ff_context.net[-1])] + [
+        b.proj_out for b in q.single_transformer_blocks]
 
 
 @pytest.fixture
 def calibrated(models):
-    """The quantized model with static fc2 input scales calibrated over two unfused forwards (reset after)."""
+    """The quantized model with static exit input scales (MLP fc2, single-block proj_out) calibrated over two
+    unfused forwards (reset after)."""
     _, q = models
     with torch.no_grad():
         report = fused_blocks.calibrate_exit_scales(q, lambda: [q(**_inputs(s)) for s in (2, 3)], max_loss_db=99.0)
@@ -163,6 +165,7 @@ def calibrated(models):
 def test_calibration_sets_a_static_scale_per_mlp_exit(calibrated):
     q, report = calibrated
     names = {f"transformer_blocks.{i}.{ff}.net.2" for i in range(2) for ff in ("ff", "ff_context")}
+    names |= {f"single_transformer_blocks.{i}.proj_out" for i in range(4)}
     assert set(report) == names
     for name, r in report.items():
         fc2 = q.get_submodule(name)
@@ -213,7 +216,7 @@ def test_exit_fused_model_matches_the_unfused_one(calibrated):
                 fused = q(**x)[0]
         finally:
             fused_blocks.remove(q)
-    assert used["gemm_w4a8_exit"] == {"cpu"}
+    assert used["gemm_w4a8_exit"] == {"cpu"} and used["quantize_act_static"] == {"cpu"}  # MLPs, single blocks
     assert _rel(fused, unfused) < FUSED_VS_UNFUSED
 
 

@@ -71,10 +71,11 @@ EXIT_LAYOUTS = ("f8l", "i8q")
 def exit_fusable(fc1: nn.Module, fc2: nn.Module, x: Tensor) -> bool:
     """Whether fc1's GEMM can write fc2's quantized input itself (``lowbit::gemm_w4a8_exit``): fc1 an F8L /
     I8Q :class:`SVDQLinear` fed by the entry quantizer, fc2 an 8-bit SVDQLinear with a calibrated static
-    ``input_scale`` (:func:`calibrate_exit_scales`), of x's dtype, without hooks."""
+    ``input_scale`` (:func:`calibrate_exit_scales`), of x's dtype, without hooks. fc2 may be wider than
+    fc1's output (a FLUX single block's proj_out also reads the attention output)."""
     return (fusable(fc1, x) and getattr(fc1, "weight_layout", None) in EXIT_LAYOUTS and isinstance(fc2, SVDQLinear)
             and fc2.act_mode in FUSABLE_ACTS and fc2.input_scale is not None and fc2.dtype == x.dtype
-            and fc2.in_features == fc1.out_features and not fc2._forward_hooks and not fc2._forward_pre_hooks)
+            and fc2.in_features >= fc1.out_features and not fc2._forward_hooks and not fc2._forward_pre_hooks)
 
 
 def feed_forward(ff: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm) -> Tensor:
@@ -87,21 +88,28 @@ def feed_forward(ff: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: n
              and (middle[0].p == 0 or not middle[0].training))
     B, T, K = x.shape
     if plain and x.is_contiguous() and exit_fusable(gelu.proj, fc2, x):
-        fc1 = gelu.proj
-        q, s, la = ops_fused.norm_modulate_quantize(x.reshape(B * T, K), shift.contiguous(), scale.contiguous(),
-                                                    norm.eps, fc1.smooth, fc1.lora_down if fc1.rank else None,
-                                                    fc1.act_mode, T)
-        bufs = fc1.weight_buffers()
-        q2, s2, la2 = ops_exit.gemm_w4a8_exit(
-            fc1.weight_layout, q, s, bufs["qweight"], bufs["wscales"], bufs.get("wzeros"), bufs["wrow"],
-            la if fc1.rank else None, fc1.lora_up if fc1.rank else None, fc1.bias, h_dtype=x.dtype,
-            activation="gelu_tanh", next_scale=fc2.input_scale, next_smooth=fc2.smooth,
-            next_lora_down=fc2.lora_down if fc2.rank else None, next_mode=fc2.act_mode)
+        q2, s2, la2 = _exit_gemm(gelu.proj, fc2, x, shift, scale, norm, 0)
         return fc2.gemm(q2, s2, la2 if fc2.rank else None, x.dtype).reshape(B, T, fc2.out_features)
     out = gelu.gelu(entry_linear(gelu.proj, x, shift, scale, norm))
     for module in ff.net[1:]:
         out = module(out)
     return out
+
+
+def _exit_gemm(fc1: SVDQLinear, fc2: SVDQLinear, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm,
+               col: int) -> tuple[Tensor, Tensor, Tensor]:
+    """fc1 on the modulated x (entry-fused), its GEMM writing GELU(h) as fc2's input columns ``col:`` (the
+    slices of fc2's smooth and lora_down that meet them): ``(q, scales, lora_act partial)``."""
+    B, T, K = x.shape
+    q, s, la = ops_fused.norm_modulate_quantize(x.reshape(B * T, K), shift.contiguous(), scale.contiguous(), norm.eps,
+                                                fc1.smooth, fc1.lora_down if fc1.rank else None, fc1.act_mode, T)
+    bufs = fc1.weight_buffers()
+    ld = (fc2.lora_down[:, col:].contiguous() if col else fc2.lora_down) if fc2.rank else None
+    return ops_exit.gemm_w4a8_exit(
+        fc1.weight_layout, q, s, bufs["qweight"], bufs["wscales"], bufs.get("wzeros"), bufs["wrow"],
+        la if fc1.rank else None, fc1.lora_up if fc1.rank else None, fc1.bias, h_dtype=x.dtype,
+        activation="gelu_tanh", next_scale=fc2.input_scale, next_smooth=fc2.smooth[col:], next_lora_down=ld,
+        next_mode=fc2.act_mode)
 
 
 @torch.no_grad()
@@ -123,16 +131,12 @@ def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max
     """
     stats: dict[str, dict[str, Any]] = {}
     hooks = []
-    for name, ff in transformer.named_modules():
-        net = getattr(ff, "net", None)
-        if not isinstance(net, nn.ModuleList) or len(net) < 2 or not hasattr(net[0], "proj"):
-            continue
-        fc1, fc2 = net[0].proj, net[-1]
+    for name, fc1, fc2, fc2_name in _exit_pairs(transformer):
         if not (isinstance(fc1, SVDQLinear) and fc1.weight_layout in EXIT_LAYOUTS and isinstance(fc2, SVDQLinear)
                 and fc2.act_mode in FUSABLE_ACTS):
             continue
         fc2.input_scale = None  # the watched forward is the unfused one
-        st = stats.setdefault(f"{name}.net.{len(net) - 1}", {"amax": 0.0, "inputs": [], "layer": fc2})
+        st = stats.setdefault(f"{name}.{fc2_name}", {"amax": 0.0, "inputs": [], "layer": fc2})
 
         def watch(module, args, st=st):
             x = args[0].reshape(-1, module.in_features)
@@ -164,6 +168,18 @@ def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max
         fc2.input_scale = scale if used else None
         report[name] = {"scale": scale, "static_db": static_db, "token_db": token_db, "used": used}
     return report
+
+
+def _exit_pairs(transformer: nn.Module):
+    """(module name, producer, exit linear, the exit linear's name in the module) of every fusable exit: each
+    diffusers FeedForward's fc1 -> fc2, and each FLUX single block's proj_mlp -> proj_out (whose input is
+    the attention output beside the MLP's)."""
+    for name, m in transformer.named_modules():
+        net = getattr(m, "net", None)
+        if isinstance(net, nn.ModuleList) and len(net) >= 2 and hasattr(net[0], "proj"):
+            yield name, net[0].proj, net[-1], f"net.{len(net) - 1}"
+        elif all(hasattr(m, a) for a in ("proj_mlp", "act_mlp", "proj_out", "attn")):
+            yield name, m.proj_mlp, m.proj_out, "proj_out"
 
 
 def _sqnr_db(x: Tensor, xq: Tensor) -> float:
@@ -252,12 +268,29 @@ def single_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden
     residual = hidden_states
     norm, attn = block.norm, block.attn
     shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
-    mlp_hidden_states = block.act_mlp(entry_linear(block.proj_mlp, hidden_states, shift, scale, norm.norm))
+    po = block.proj_out
+    exit_fused = (getattr(block.act_mlp, "approximate", None) == "tanh" and hidden_states.is_contiguous()
+                  and exit_fusable(block.proj_mlp, po, hidden_states))
+    if exit_fused:  # proj_mlp's GEMM writes its columns of proj_out's 8-bit input (GELU applied)
+        mlp_part = _exit_gemm(block.proj_mlp, po, hidden_states, shift, scale, norm.norm,
+                              po.in_features - block.proj_mlp.out_features)
+    else:
+        mlp_hidden_states = block.act_mlp(entry_linear(block.proj_mlp, hidden_states, shift, scale, norm.norm))
     q, k, v = (_heads(attn, t) for t in _projections(attn, hidden_states, shift, scale, norm.norm, False))
     attn_output = _attention(attn, attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb)
 
-    hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
-    hidden_states = residual + gate.unsqueeze(1) * block.proj_out(hidden_states)
+    if exit_fused:  # the attention output quantized in one light pass with the same static scale
+        B, T, D = attn_output.shape
+        qa, sa, la = ops_exit.quantize_act_static(attn_output.reshape(B * T, D).contiguous(), po.input_scale,
+                                                  po.smooth[:D], po.lora_down[:, :D].contiguous() if po.rank else None,
+                                                  po.act_mode)
+        qm, sm, lm = mlp_part
+        sa = torch.where(torch.isnan(sm), sm, sa)  # a non-finite token in either part marks the whole row
+        out = po.gemm(torch.cat([qa, qm], dim=1), sa, la + lm if po.rank else None, attn_output.dtype)
+        hidden_states = residual + gate.unsqueeze(1) * out.reshape(B, T, po.out_features)
+    else:
+        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+        hidden_states = residual + gate.unsqueeze(1) * po(hidden_states)
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
     return hidden_states[:, :text], hidden_states[:, text:]
