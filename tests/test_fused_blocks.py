@@ -228,3 +228,18 @@ def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
     lowbit_engine.load(t, "svdq-w4a8", rank=16, checkpoint=path)
     for a, b in zip(_mlp_fc2s(q), _mlp_fc2s(t)):
         assert b.input_scale == a.input_scale is not None
+
+
+def test_exit_fused_model_compiles_and_matches_eager(calibrated):
+    q, _ = calibrated
+    torch._dynamo.reset()
+    x = _inputs(8)
+    fused_blocks.install(q)
+    try:
+        with torch.no_grad():
+            eager = q(**x)[0]
+            compiled = torch.compile(q, backend="aot_eager", fullgraph=True)(**x)[0]
+    finally:
+        fused_blocks.remove(q)
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
