@@ -498,7 +498,8 @@ def format_row(r: Result | dict, widths: tuple[int, int] | None = None) -> str:
     """
     d = asdict(r) if isinstance(r, Result) else r
     nw, bw = widths or _widths()
-    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    # "-" right-aligned to the column width, so absent values keep the columns straight
+    f = lambda v, fmt: ("-" if v is None else format(v, fmt)).rjust(int(fmt.split(".")[0]))  # noqa: E731
     return (f"{d['kernel']:<{nw}} {d['backend']:<{bw}} {d['M']:>5} {d['K']:>6} {d['N']:>6} "
             f"{f(d['median_ms'], '9.4f')} {f(d['tflops'], '8.1f')} {f(d['gbps'], '8.1f')} "
             f"{f(d['ratio_vs_bf16'], '6.2f')} {f(d['ratio_vs_fp8'], '6.2f')} {d['note']}").rstrip()

@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         report = _read_report(args.from_json)
     else:
         device = check_device(args.device)
+        if args.plot and not device.startswith("cuda"):
+            raise UserError("--plot draws kernels against cuBLAS, which a CPU run does not time; on the CPU, "
+                            "redraw a GPU run instead: --from bench/results/kernels-h100-2026-11-23.json --plot FILE")
         shapes = [(m, k, n) for m in args.m for (k, n) in benchmark.FLUX_KN] if args.m else None
         if not device.startswith("cuda"):
             print(f"# {benchmark.CPU_NOTE}")
@@ -71,5 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from .viz import plot_kernels
 
-        print(f"wrote {plot_kernels(report, args.plot)}")
+        try:
+            print(f"wrote {plot_kernels(report, args.plot)}")
+        except ValueError as e:  # a report without cuBLAS rows: say so in one line
+            raise UserError(f"--plot: {e}") from e
     return 0

@@ -143,12 +143,15 @@ def plot_kernels(report: dict[str, Any], path: str | Path) -> Path:
     shapes = sorted({(r["M"], r["K"], r["N"]) for r in rows}, key=lambda s: (-s[0], s[1], s[2]))
     kernels = list(dict.fromkeys(r["kernel"] for r in rows if r["kernel"] not in _REFERENCE_ROWS))
     colors = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(kernels)}
-    ms = {(r["M"], r["K"], r["N"], r["kernel"]): r["median_ms"] for r in rows}
+    # Ratios only for rows that do the whole GEMM of the shape: a quantizer or an expand alone is a part
+    # of a linear, and "12x faster than cuBLAS" would rank it against work it does not do.
+    ms = {(r["M"], r["K"], r["N"], r["kernel"]): r["median_ms"] for r in rows if _does_the_gemm(r)}
+    ranked = [k for k in kernels if any(key[3] == k for key in ms)]
 
     fig, (ax_bf, ax_f8, ax_roof) = plt.subplots(3, 1, figsize=FIGSIZE, dpi=DPI)
-    width = 0.8 / max(1, len(kernels))
+    width = 0.8 / max(1, len(ranked))
     for ax, ref, name in ((ax_bf, _BF16, "cuBLAS bf16"), (ax_f8, _FP8, "cuBLAS fp8 (_scaled_mm)")):
-        for j, k in enumerate(kernels):
+        for j, k in enumerate(ranked):
             xs, ys = [], []
             for i, s in enumerate(shapes):
                 if (*s, k) in ms and (*s, ref) in base:
@@ -160,11 +163,12 @@ def plot_kernels(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel(f"speed vs {name}\n(>1: faster)")
         ax.set_xlim(-0.5, len(shapes) - 0.5)
         ax.grid(axis="y", alpha=0.3)
-    ax_bf.legend(fontsize=7, ncol=4, loc="upper left")
-    ax_bf.set_title(f"{report.get('gpu', '?')}  commit {str(report.get('commit', '?'))[:12]}  "
-                    f"{report.get('timestamp', '')}  (ratios from one run; K x N, M tokens)", fontsize=10)
+    ax_bf.legend(fontsize=7, ncol=5, loc="lower left", bbox_to_anchor=(0.0, 1.01))
+    fig.suptitle(f"{report.get('gpu', '?')}  commit {str(report.get('commit', '?'))[:12]}  "
+                 f"{report.get('timestamp', '')}: whole-GEMM kernels against cuBLAS timed in the same run "
+                 "(K x N, M tokens)", fontsize=10)
 
-    _roofline(ax_roof, rows, kernels, colors, report.get("copy_gbps"))
+    _roofline(ax_roof, rows, [k for k in kernels if k not in ranked], colors, report.get("copy_gbps"))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,8 +177,17 @@ def plot_kernels(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _roofline(ax: Any, rows: list[dict[str, Any]], kernels: list[str], colors: dict[str, Any],
+def _does_the_gemm(row: dict[str, Any]) -> bool:
+    """Whether the row's FLOP count (TFLOP/s x time) is the shape's GEMM, 2 M N K (within 1%)."""
+    if not row.get("tflops"):
+        return False
+    flops = row["tflops"] * 1e12 * row["median_ms"] * 1e-3
+    return abs(flops / (2.0 * row["M"] * row["N"] * row["K"]) - 1) < 0.01
+
+
+def _roofline(ax: Any, rows: list[dict[str, Any]], unranked: list[str], colors: dict[str, Any],
               copy_gbps: float | None) -> None:
+    """Achieved TFLOP/s at each row's FLOP/byte; ``unranked``: kernels absent from the ratio panels (legend here)."""
     markers = {}
     for r in rows:
         if not (r.get("tflops") and r.get("gbps")):
@@ -193,12 +206,15 @@ def _roofline(ax: Any, rows: list[dict[str, Any]], kernels: list[str], colors: d
         y = [min(top, a * copy_gbps / 1e3) for a in x] if copy_gbps else [top] * len(x)
         ax.plot(x, y, "k" + style, linewidth=1,
                 label=f"ceiling: best {kernel} {top:.0f} TFLOP/s" + (f", copy {copy_gbps:.0f} GB/s" if copy_gbps else ""))
+    for k in unranked:
+        ax.scatter([], [], color=colors[k], marker="o", label=k)
     for M, m in markers.items():
         ax.scatter([], [], color="gray", marker=m, label=f"M={M}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
     ax.set_ylabel("achieved TFLOP/s")
-    ax.set_title("roofline of measured ceilings (black: cuBLAS baselines; colours as above)", fontsize=10)
+    ax.set_title("roofline of ceilings measured in the same run (black: cuBLAS; colours: the kernels above, "
+                 "and the parts of a linear listed here)", fontsize=10)
     ax.grid(which="both", alpha=0.2)
     ax.legend(fontsize=7, loc="lower right")
