@@ -36,6 +36,13 @@ def format_arg(name: str) -> str:
     return name
 
 
+def format_help() -> str:
+    """The ``--help`` text of ``--fmt``: the formats, the default."""
+    from .quantize import available_formats
+
+    return f"the format: {', '.join(available_formats())} (default svdq-int4)"
+
+
 def positive_int(text: str) -> int:
     """argparse ``type=`` for counts (ranks, steps, prompts): an integer >= 1."""
     try:

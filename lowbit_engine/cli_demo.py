@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .cli_common import UserError, check_device, check_model_source, format_arg, load_pipeline, positive_int
+from .cli_common import (UserError, check_device, check_model_source, format_arg, format_help, load_pipeline,
+                         positive_int)
 
 TINY_NOTE = ("tiny random-weight FLUX built from a config (no --model): the images are noise-like; "
              "what to look at is how closely the quantized one follows bf16")
@@ -27,7 +28,7 @@ TINY_NOTE = ("tiny random-weight FLUX built from a config (no --model): the imag
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="quantize a pipeline; save bf16 / quantized / difference as one PNG")
     p.add_argument("--model", default=None, help="a diffusers pipeline folder or hub id (default: a tiny FLUX)")
-    p.add_argument("--fmt", type=format_arg, default="svdq-int4")
+    p.add_argument("--fmt", type=format_arg, default="svdq-int4", help=format_help())
     p.add_argument("--rank", type=positive_int, default=32)
     p.add_argument("--steps", type=positive_int, default=4)
     p.add_argument("--size", type=positive_int, default=None, help="image height and width (default 64 tiny, 1024)")

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .cli_common import UserError, check_device, check_model_source, format_arg, load_pipeline, positive_int
+from .cli_common import (UserError, check_device, check_model_source, format_arg, format_help, load_pipeline,
+                         positive_int)
 
 # Varied subjects, styles and compositions: the calibration sees the activation ranges of real use.
 PROMPTS = [
@@ -46,7 +47,7 @@ PROMPTS = [
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="calibrate and quantize a pipeline; write a folder that loads back")
     p.add_argument("model", help="a diffusers pipeline folder or hub id")
-    p.add_argument("--fmt", type=format_arg, default="svdq-int4")
+    p.add_argument("--fmt", type=format_arg, default="svdq-int4", help=format_help())
     p.add_argument("--rank", type=positive_int, default=32, help="SVDQuant low-rank branch rank (default 32)")
     calib = p.add_mutually_exclusive_group()
     calib.add_argument("--calib", metavar="PROMPTS.txt", help="calibration prompts, one per line (# comments)")
