@@ -138,7 +138,7 @@ def test_quantize_folder_loads_back_with_equal_outputs(tmp_path, capsys, monkeyp
     assert not torch.equal(got, bf16)  # it is the quantized model that came back, not the bf16 one
 
 
-def test_quantize_refuses_a_pipeline_without_text_encoders(tmp_path, capsys):
+def test_quantize_of_a_folder_diffusers_cannot_load_is_one_line(tmp_path, capsys):
     pytest.importorskip("transformers", reason="FluxPipeline needs transformers")
     from lowbit_engine.integrations.tiny import tiny_flux_pipeline
 
