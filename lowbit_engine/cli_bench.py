@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:  # before a run of minutes: the chart must be drawable at its end
         from .viz import require_matplotlib
 
-        require_matplotlib()
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise UserError(str(e)) from e
     if args.from_json:
         if args.out or args.m or args.kernels or args.device:
             raise UserError("--from redraws a saved report; it takes no --out, --m, --kernels or --device")
@@ -67,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
         report = benchmark.run(device=device, shapes=shapes, repeat=args.repeat,
                                include_reference=args.include_reference, kernels=args.kernels,
                                verbose=args.verbose, progress=True)
-    if not args.verbose or args.from_json:  # --verbose printed the rows as they came
+    if not args.verbose or args.from_json:
         print(benchmark.format_table(report))
+    else:  # --verbose printed the rows as they came: only the run's title line is left to say
+        print(benchmark.format_title(report))
     if args.out:
         print(f"wrote {benchmark.save(report, args.out)}")
     if args.plot:

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             image, t_q = generate()
 
     fid = fidelity(ref, image)
-    label = f"{args.fmt} r{args.rank}"
+    rank = f"r{args.rank}" if args.fmt.startswith("svdq") else ""  # only SVDQuant has a low-rank branch
+    label = f"{args.fmt} {rank}".strip()
     lpips_text = f", LPIPS {fid['lpips']:.4f}" if fid["lpips"] is not None else ""
     fid_text = f"relative L2 {fid['rel_l2']:.4f}, PSNR {fid['psnr_db']:.1f} dB{lpips_text}"
     speed = "CPU: C++ reference kernels, not a speed measurement" if device == "cpu" else \
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
              f"seed 0, {device}", f"{label} vs bf16: {fid_text}; {speed}"]
     picture = comparison_image(ref[0], image[0], title, labels=("bf16", label), note=note)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"demo-{args.fmt}-r{args.rank}.png"
+    path = out_dir / f"demo-{args.fmt}{'-' + rank if rank else ''}.png"
     picture.save(path)
 
     print(f"\nimage {tuple(image.shape)}, {args.steps} steps")
