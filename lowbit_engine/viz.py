@@ -195,7 +195,7 @@ def _roofline(ax: Any, rows: list[dict[str, Any]], unranked: list[str], colors: 
         m = markers.setdefault(r["M"], "os^Dv"[len(markers) % 5])
         ai = r["tflops"] / r["gbps"] * 1e3  # FLOP per byte
         color = colors.get(r["kernel"], "black")
-        ax.scatter(ai, r["tflops"], color=color, marker=m, s=18, edgecolors="none" if r["kernel"] in colors else None)
+        ax.scatter(ai, r["tflops"], color=color, marker=m, s=18, edgecolors="none")
     ais = [r["tflops"] / r["gbps"] * 1e3 for r in rows if r.get("tflops") and r.get("gbps")]
     x = torch.logspace(math.log10(min(ais) / 2), math.log10(max(ais) * 2), 200).tolist()
     for kernel, style in ((_FP8, "-"), (_BF16, "--")):
