@@ -7,7 +7,11 @@ rotate over enough copies that the working set is several times the L2, so the c
 Ops that would run on the torch reference are reported as ``fallback`` and not timed, unless asked.
 
 On the CPU it runs the same ops on small shapes (C++ reference and torch reference) so that CI
-exercises the harness; those timings are CPU timings and say nothing about the kernels.
+exercises the harness; those timings are reference timings and say nothing about the kernels. No ratios
+are computed there: the CPU's torch bf16 matmul is no stand-in for cuBLAS (12 ms at M=1 on a loaded
+2-core machine, which made a C++ reference look 463x faster), so nothing is ranked against it.
+
+The cuBLAS baselines always run on a GPU, whatever ``kernels`` selects: the ratios need them.
 
 Example:
     >>> from lowbit_engine import benchmark
@@ -42,6 +46,11 @@ FLUX_M = [4608, 256, 16]
 CPU_SHAPES = [(1, 256, 128), (17, 256, 192), (111, 128, 64)]
 RANK = 32
 L2_BYTES = 50 * 2**20  # H100; rotation makes the working set at least 3x this
+BASELINES = ("cublas_bf16", "cublas_fp8_scaled_mm", "torch_fp8_dynamic_unfused", "torch_matmul_bf16")
+CPU_NOTE = ("CPU run: reference timings (C++ and torch references on small shapes), not kernel performance; "
+            "no ratios: the CPU torch matmul is not a representative baseline")
+# Column widths of the streamed rows (--verbose); a table widens them to its longest name.
+NAME_WIDTH, BACKEND_WIDTH = 36, 12
 
 
 @dataclass
@@ -391,11 +400,14 @@ def run(
     include_reference: bool = False,
     kernels: Sequence[str] | None = None,
     verbose: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Time every kernel on ``shapes`` ((M, K, N) triples) and return the report (also see :func:`save`).
 
     ``device`` defaults to CUDA when available. ``include_reference`` also times ops that would fall back
-    to the torch reference (slow; off by default on a GPU). ``kernels`` filters by name substring.
+    to the torch reference (slow; off by default on a GPU). ``kernels`` filters by name substring (the
+    cuBLAS baselines run regardless on a GPU). ``verbose`` prints each row as it is measured (after a
+    header); ``progress`` shows a progress bar (tqdm, on stderr) over the cases.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
@@ -403,14 +415,25 @@ def run(
         shapes = [(M, K, N) for M in FLUX_M for (K, N) in FLUX_KN] if on_gpu else CPU_SHAPES
     gen = torch.Generator(device=device).manual_seed(0)
     results: list[Result] = []
+    bar = _bar(len(shapes), progress)
+    say = bar.write if bar is not None else print
+    if verbose:
+        say(format_header())
     for M, K, N in shapes:
         set_bytes = 2 * (M * K + N * K)
         n_sets = max(1, min(8, math.ceil(3 * L2_BYTES / set_bytes))) if on_gpu else 2
+        if bar is not None:
+            bar.set_postfix_str(f"M={M} K={K} N={N}: inputs")
         sets = [_inputs(M, K, N, device, gen) for _ in range(n_sets)]
         baseline: dict[str, float] = {}
-        for case in _cases(M, K, N, sets, on_gpu):
-            if kernels and not any(k in case.kernel for k in kernels):
-                continue
+        cases = [c for c in _cases(M, K, N, sets, on_gpu)
+                 if not kernels or any(k in c.kernel for k in kernels) or (on_gpu and c.kernel in BASELINES[:2])]
+        if bar is not None:  # the bar counts cases; the total is known shape by shape
+            bar.total += len(cases) - 1
+            bar.refresh()
+        for case in cases:
+            if bar is not None:
+                bar.set_postfix_str(f"M={M} K={K} N={N}: {case.kernel}")
             backend, fallback = "torch", False
             if case.op is not None:
                 args = case.op_args(0) if case.op_args is not None else None
@@ -424,6 +447,8 @@ def run(
             if fallback and on_gpu and not include_reference:
                 results.append(Result(case.kernel, backend, M, K, N, None, None, None, fallback=True,
                                       note="no CUDA/Triton kernel yet: would run the torch reference"))
+                if bar is not None:
+                    bar.update()
                 continue
             with ops.record_backends() as used:
                 ms = (_time_gpu if on_gpu else _time_cpu)(case.fn, n_sets, repeat)
@@ -433,16 +458,21 @@ def run(
                          fallback=fallback)
             if case.op is None:
                 baseline[case.kernel] = ms
-            bf_ms = baseline.get("cublas_bf16", baseline.get("torch_matmul_bf16"))
+            # Ratios against cuBLAS only (a GPU run): the CPU's torch matmul would rank references against
+            # an unrepresentative baseline.
+            bf_ms, fp8_ms = baseline.get("cublas_bf16"), baseline.get("cublas_fp8_scaled_mm")
             res.ratio_vs_bf16 = bf_ms / ms if bf_ms else None
-            fp8_ms = baseline.get("cublas_fp8_scaled_mm")
             res.ratio_vs_fp8 = fp8_ms / ms if fp8_ms else None
             results.append(res)
             if verbose:
-                print(format_row(res), flush=True)
+                say(format_row(res))
+            if bar is not None:
+                bar.update()
         del sets
         if on_gpu:
             torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
     copy_gbps = measure_copy_gbps() if on_gpu else None
     return {
         "gpu": _gpu_name(),
@@ -452,26 +482,63 @@ def run(
         "torch": torch.__version__,
         "build_info": build_info(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": "" if on_gpu else "CPU run: C++/torch references on small shapes; not kernel performance",
+        "note": "" if on_gpu else CPU_NOTE,
         "results": [asdict(r) for r in results],
     }
 
 
-def format_row(r: Result | dict) -> str:
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # a dependency of diffusers; imported only when a bar is asked for
+
+    return tqdm(total=total, desc="bench kernels", unit="case")
+
+
+def _widths(rows: Sequence[dict[str, Any]] = ()) -> tuple[int, int]:
+    return (max([NAME_WIDTH, *(len(r["kernel"]) for r in rows)]),
+            max([BACKEND_WIDTH, *(len(r["backend"]) for r in rows)]))
+
+
+def format_header(widths: tuple[int, int] | None = None) -> str:
+    """The column header of :func:`format_row` (same widths)."""
+    nw, bw = widths or _widths()
+    return (f"{'kernel':<{nw}} {'backend':<{bw}} {'M':>5} {'K':>6} {'N':>6} {'ms':>9} {'TFLOP/s':>8} "
+            f"{'GB/s':>8} {'xbf16':>6} {'xfp8':>6}")
+
+
+def format_row(r: Result | dict, widths: tuple[int, int] | None = None) -> str:
+    """One result as a table row; ``-`` where a value is absent (not timed, or no baseline to compare with).
+
+    Example:
+        >>> row = format_row({"kernel": "gemm_w4a4_r32", "backend": "cpu", "M": 1, "K": 64, "N": 64,
+        ...                   "median_ms": 0.5, "tflops": 0.1, "gbps": 2.0, "ratio_vs_bf16": None,
+        ...                   "ratio_vs_fp8": None, "note": ""})
+        >>> row.split()
+        ['gemm_w4a4_r32', 'cpu', '1', '64', '64', '0.5000', '0.1', '2.0', '-', '-']
+    """
     d = asdict(r) if isinstance(r, Result) else r
-    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    return (f"{d['kernel']:<28} {d['backend']:<12} {d['M']:>5} {d['K']:>6} {d['N']:>6} "
+    nw, bw = widths or _widths()
+    # "-" right-aligned to the column width, so absent values keep the columns straight
+    f = lambda v, fmt: ("-" if v is None else format(v, fmt)).rjust(int(fmt.split(".")[0]))  # noqa: E731
+    return (f"{d['kernel']:<{nw}} {d['backend']:<{bw}} {d['M']:>5} {d['K']:>6} {d['N']:>6} "
             f"{f(d['median_ms'], '9.4f')} {f(d['tflops'], '8.1f')} {f(d['gbps'], '8.1f')} "
-            f"{f(d['ratio_vs_bf16'], '6.2f')} {f(d['ratio_vs_fp8'], '6.2f')} {d['note']}")
+            f"{f(d['ratio_vs_bf16'], '6.2f')} {f(d['ratio_vs_fp8'], '6.2f')} {d['note']}").rstrip()
+
+
+def format_title(report: dict[str, Any]) -> str:
+    """The first line of a table: device, commit, torch, copy bandwidth; and the CPU note on a CPU run."""
+    copy = report.get("copy_gbps")
+    line = (f"# {report['gpu']}  commit {report['commit']}  torch {report['torch']}"
+            + (f"  device copy {copy:.0f} GB/s" if copy else ""))
+    return line + (f"\n# {report['note']}" if report.get("note") else "")
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = (f"{'kernel':<28} {'backend':<12} {'M':>5} {'K':>6} {'N':>6} {'ms':>9} {'TFLOP/s':>8} "
-            f"{'GB/s':>8} {'xbf16':>6} {'xfp8':>6}")
-    copy = report.get("copy_gbps")
-    lines = [f"# {report['gpu']}  commit {report['commit']}  torch {report['torch']}"
-             + (f"  device copy {copy:.0f} GB/s" if copy else ""), head]
-    lines += [format_row(r) for r in report["results"]]
+    """The whole report as an aligned table (columns as wide as the longest kernel and backend names)."""
+    widths = _widths(report["results"])
+    lines = [format_title(report), format_header(widths)]
+    lines += [format_row(r, widths) for r in report["results"]]
     return "\n".join(lines)
 
 

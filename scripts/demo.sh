@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-exec lowbit-engine demo "$@"
+exec lowbit-engine demo "$@"   # prints the fidelity and writes demo-<fmt>-r<rank>.png here (--out to choose)

@@ -35,8 +35,9 @@ def test_cpu_run_reports_every_kernel_with_its_backend():
         assert r["fallback"] == (r["kernel"] in FLOAT_KERNELS)
         if r["kernel"] != "torch_matmul_bf16":
             assert (r["backend"] == "torch") == r["fallback"]
-        assert r["ratio_vs_bf16"] == pytest.approx(rows["torch_matmul_bf16"]["median_ms"] / r["median_ms"])
-    assert "CPU run" in report["note"]
+        # nothing is ranked against the CPU's torch matmul: it is no stand-in for cuBLAS
+        assert r["ratio_vs_bf16"] is None and r["ratio_vs_fp8"] is None
+    assert "CPU run" in report["note"] and "reference timings" in report["note"]
 
 
 def test_kernel_filter_and_table():
@@ -56,14 +57,28 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_cli_info_and_demo(capsys):
+def test_cli_info_and_demo(capsys, tmp_path):
     assert cli.main(["info"]) == 0
     assert '"cpu_reference": true' in capsys.readouterr().out
     pytest.importorskip("transformers", reason="the demo's FluxPipeline needs transformers")
-    assert cli.main(["demo", "--device", "cpu", "--steps", "2", "--size", "32"]) == 0
+    from PIL import Image
+
+    out = tmp_path / "pictures"
+    assert cli.main(["demo", "--device", "cpu", "--steps", "2", "--size", "32", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "tiny FLUX pipeline" in text and "quantized svdq-int4: 28 layers" in text
-    assert "fidelity vs bf16: relative L2" in text and "quantize_act=cpu" in text and "gemm_w4a4=cpu" in text
+    assert "tiny FLUX pipeline" in text and "quantized svdq-int4: 28 layers" in text  # the report, logged
+    assert "fidelity vs bf16: relative L2" in text and "PSNR" in text
+    assert "quantize_act=cpu" in text and "gemm_w4a4=cpu" in text
+    png = out / "demo-svdq-int4-r32.png"
+    assert f"wrote {png}" in text
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        # 32x32 images scaled 8x to 256-pixel panels: 3 panels + 4 gaps of 8; 2 title lines, labels, the note
+        assert im.format == "PNG" and im.size == (3 * 256 + 4 * 8, 8 + 2 * 16 + 16 + 256 + 16 + 8)
+        pixels = im.convert("RGB")
+        bf16_panel = pixels.crop((8, 56, 8 + 256, 56 + 256))
+        assert len(set(bf16_panel.getdata())) > 100  # the image itself is in the panel, not a blank
 
 
 def test_with_env_sets_variables_for_the_call_and_restores_them(monkeypatch):

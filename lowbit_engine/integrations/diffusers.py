@@ -13,8 +13,9 @@ The steps, in order:
 With ``checkpoint=`` step 3 and 4 become :func:`lowbit_engine.load_checkpoint` (no calibration).
 
 The call returns the object it was given. The :class:`LoadReport` (what was quantized, what was kept and
-why, memory before and after) is printed unless ``progress=False``, stored at ``obj._lowbit_report`` and
-returned by :func:`last_report`.
+why, memory before and after) is logged at INFO on the ``lowbit_engine`` logger unless ``progress=False``
+(``logging.basicConfig(level=logging.INFO)`` shows it; the ``lowbit-engine`` command does), stored at
+``obj._lowbit_report`` and returned by :func:`last_report`.
 
 Example:
     >>> import torch, warnings
@@ -31,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -58,6 +60,8 @@ _SUPERSEDES = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
                "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
 _LAST_REPORT: LoadReport | None = None
+# A child of the "lowbit_engine" logger: a library logs its report rather than printing it.
+logger = logging.getLogger(__name__)
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -190,6 +194,8 @@ def _config_dict(transformer: nn.Module) -> dict[str, Any]:
     cfg = getattr(transformer, "config", None)
     if cfg is None:
         return {}
+    if callable(cfg):  # a module whose config() is a method (SVDQLinear and the other quantized layers)
+        cfg = cfg()
     return json.loads(json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")}, default=str))
 
 
@@ -510,7 +516,7 @@ def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
         fuse_qkv_projections: False keeps Q, K and V separate even where fusion works.
         max_calib_tokens: tokens kept per layer (a uniform sample over all calibration calls).
         quant_opts: passed to ``quantize_linear`` (e.g. ``{"act_mode": "fp8"}``, ``{"alphas": (0.5,)}``).
-        progress: a progress bar over layers, and print the report.
+        progress: a progress bar over layers, and the report logged at INFO (logger ``lowbit_engine``).
 
     Returns:
         ``obj`` itself; the :class:`LoadReport` is at ``obj._lowbit_report`` and :func:`last_report`.
@@ -555,7 +561,7 @@ def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
         except AttributeError:
             pass
     if progress:
-        print(report)
+        logger.info("%s", report)
     return obj
 
 

@@ -43,3 +43,41 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.bfloat16, hidde
     emb = {"prompt_embeds": torch.randn(1, 16, joint, generator=g).to(dtype),
            "pooled_prompt_embeds": torch.randn(1, joint, generator=g).to(dtype)}
     return pipe, emb
+
+
+TINY_WORDS = ("[PAD] [UNK] a an the of in on at and with photo red fox snow watercolor lighthouse dusk city "
+              "street night rain cat dog portrait").split()
+
+
+def tiny_flux_pipeline_with_text(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Any:
+    """:func:`tiny_flux_pipeline` with tiny CLIP and T5 text encoders and a word-level tokenizer (random weights).
+
+    It takes prompts like a real FLUX pipeline (words outside :data:`TINY_WORDS` map to ``[UNK]``), and
+    ``save_pretrained`` / ``DiffusionPipeline.from_pretrained`` round-trip it offline. For the tests of the
+    commands that calibrate on prompts.
+
+    Example:
+        >>> pipe = tiny_flux_pipeline_with_text()
+        >>> pipe("a red fox", height=32, width=32, num_inference_steps=1, max_sequence_length=16,
+        ...      output_type="pt").images.shape
+        torch.Size([1, 3, 32, 32])
+    """
+    import diffusers
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    pipe, _ = tiny_flux_pipeline(seed=seed, dtype=dtype)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]",
+                                                     model_max_length=16)
+    torch.manual_seed(seed + 2)
+    joint = pipe.transformer.config.joint_attention_dim  # CLIP's pooled output and T5's tokens both feed it
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(TINY_WORDS), hidden_size=joint, intermediate_size=2 * joint, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=joint))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(TINY_WORDS), d_model=joint, d_kv=32, d_ff=2 * joint, num_layers=1, num_heads=2))
+    return diffusers.FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, transformer=pipe.transformer,
+                                  text_encoder=clip.to(dtype).eval(), tokenizer=tokenizer,
+                                  text_encoder_2=t5.to(dtype).eval(), tokenizer_2=tokenizer)
