@@ -374,7 +374,7 @@ class Runner:
         extra["quant_s"] += time.perf_counter() - t0
         used = sum(r["used"] for r in scales.values())
         db = [r["token_db"] - r["static_db"] for r in scales.values() if r["static_db"] is not None]
-        extra["note"] += (f"; {blocks} blocks fused, {used}/{len(scales)} MLP exits on static scales (static "
+        extra["note"] += (f"; {blocks} blocks fused, {used}/{len(scales)} exit linears on static scales (static "
                           f"scale loses {min(db, default=0):.1f}-{max(db, default=0):.1f} dB vs per-token, "
                           f"limit {self.args.exit_max_loss_db:g})")
         return extra

@@ -80,7 +80,7 @@ def test_fused_variant_runs_the_fused_ops(smoke):
     _, report, _ = smoke
     r = _rows(report)["svdq-w4a8-fused"]
     assert {"norm_modulate_quantize", "gemm_w4a8_exit"} <= set(r["backends"]), r["backends"]
-    assert "blocks fused, 2/2 MLP exits on static scales" in r["note"]
+    assert "blocks fused, 3/3 exit linears on static scales" in r["note"]  # 2 MLP fc2s + 1 proj_out
 
 
 def test_unavailable_variants_are_reported_as_such(smoke):
