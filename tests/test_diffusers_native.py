@@ -77,7 +77,7 @@ def out(model: nn.Module, kw: dict[str, Any]) -> torch.Tensor:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
 
 
@@ -199,3 +199,118 @@ def test_a_folder_of_another_config_is_refused(tmp_path):
         num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=64, axes_dims_rope=[4, 14, 14])
     with pytest.raises(CheckpointError, match="another config.*joint_attention_dim"):
         engine.load(other, checkpoint=tmp_path, progress=False)
+
+
+# ---- casts --------------------------------------------------------------------------------------
+
+LAYERS = [("svdq-int4", {}), ("svdq-w4a8", {}), ("svdq-w4a8", {"act_mode": "fp8"}), ("fp8", {}), ("nvfp4", {}),
+          ("mxfp4", {}), ("vq2", {})]
+
+
+@pytest.mark.parametrize("fmt,opts", LAYERS, ids=[f + "".join(f"-{v}" for v in o.values()) for f, o in LAYERS])
+def test_layer_casts_keep_quantized_buffers(fmt, opts):
+    """Failed before: .to(bf16/fp16) cast smooth / fp8 weights, .to(fp32) the low-rank factors -> OpInputError."""
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(128, 64).to(BF16)
+    with torch.no_grad():
+        lin.weight.copy_(_r(g, 64, 128) * 0.1)
+        lin.bias.copy_(_r(g, 64) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = engine.quantize_linear(lin, fmt, calib=_r(g, 64, 128), rank=RANK, **opts)
+    x = _r(g, 5, 128, dtype=torch.float32)
+    ref = x.double() @ lin.weight.double().T + lin.bias.double()
+    base = {k: v.clone() for k, v in q.named_buffers()}
+    err0 = rel(q(x.to(BF16)), ref)
+    assert err0 < (0.5 if fmt == "vq2" else LIMIT)  # 2 bits per weight on a 128x64 layer: measured 0.37
+    compute = BF16
+    for dtype in (torch.float16, torch.float32, BF16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q.to(dtype)
+            y = q(x.to(dtype))
+        assert y.dtype == dtype
+        compute = compute if dtype == torch.float32 else dtype  # fp32 leaves the compute parts as they were
+        assert q.dtype == compute
+        for k, v in q.named_buffers():
+            if k in type(q).COMPUTE_BUFFERS:
+                assert v.dtype == compute, (k, v.dtype)
+            else:
+                assert v.dtype == base[k].dtype and torch.equal(v, base[k]), k  # bit for bit
+        assert rel(y, ref) < err0 + 0.02, dtype  # fp16 factors round differently: the same error, give or take
+
+
+def test_pipe_to_dtype_after_engine_load():
+    """Failed before: pipe.to(torch.bfloat16 / float16 / float32) -> OpInputError at the first forward."""
+    from lowbit_engine.integrations.tiny import tiny_flux_pipeline
+
+    pipe, emb = tiny_flux_pipeline(layers=1, single_layers=1)
+    ref_pipe, _ = tiny_flux_pipeline(layers=1, single_layers=1)
+    engine.load(pipe, "svdq-int4", rank=RANK, progress=False,
+                calib=[flux_inputs(s) | {"encoder_hidden_states": _r(torch.Generator().manual_seed(s), 1, 8, 128),
+                                          "pooled_projections": _r(torch.Generator().manual_seed(s), 1, 128)}
+                       for s in range(2)])
+    base = qbuffers(pipe.transformer)
+    for dtype in (torch.float16, torch.float32, BF16):
+        pipe.to(dtype)
+        ref_pipe.to(dtype)
+        run = dict(prompt_embeds=emb["prompt_embeds"].to(dtype), pooled_prompt_embeds=emb["pooled_prompt_embeds"].to(dtype),
+                   num_inference_steps=2, height=32, width=32, output_type="latent")
+        y = pipe(**run, generator=torch.Generator().manual_seed(0)).images
+        y_ref = ref_pipe(**run, generator=torch.Generator().manual_seed(0)).images
+        assert rel(y, y_ref) < LIMIT, dtype
+        for k, v in qbuffers(pipe.transformer).items():
+            if k.rpartition(".")[2] not in SVDQLinear.COMPUTE_BUFFERS:
+                assert v.dtype == base[k].dtype and torch.equal(v, base[k]), (dtype, k)
+
+
+def test_from_pretrained_model_casts_too(tmp_path):
+    model = calibrated_flux()
+    model.save_pretrained(tmp_path)
+    half = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    layer = half.transformer_blocks[0].attn.to_qkv
+    assert (layer.dtype, layer.lora_up.dtype, layer.smooth.dtype, layer.wscales.dtype) == \
+        (torch.float16, torch.float16, torch.float32, BF16)
+    x = flux_inputs(14)
+    assert rel(out(half, flux_inputs(14, torch.float16)), out(model, x)) < 0.02  # fp16 vs bf16 float parts
+    half.to(BF16)  # ModelMixin.to refuses dtypes on is_quantized models; lowbit models cast safely
+    assert torch.equal(half.transformer_blocks[0].attn.to_qkv.smooth, model.transformer_blocks[0].attn.to_qkv.smooth)
+
+
+def test_to_device_and_model_cpu_offload():
+    from lowbit_engine.integrations.tiny import tiny_flux_pipeline
+
+    pipe, emb = tiny_flux_pipeline(layers=1, single_layers=1)
+    engine.load(pipe, "svdq-int4", rank=RANK, progress=False)
+    run = dict(**emb, num_inference_steps=2, height=32, width=32, output_type="latent")
+    a = pipe(**run, generator=torch.Generator().manual_seed(0)).images
+    pipe.to("cpu")
+    pipe.transformer.to(torch.device("cpu"))
+    assert torch.equal(pipe(**run, generator=torch.Generator().manual_seed(0)).images, a)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(pipe(**run, generator=torch.Generator().manual_seed(0)).images, a)
+
+
+def test_accelerate_per_tensor_offload_of_quantized_layers():
+    """What enable_sequential_cpu_offload does to each layer: accelerate's hooks put every buffer on the
+    meta device between calls and bring it back from a CPU copy for the forward; dtypes must survive.
+
+    (diffusers' enable_sequential_cpu_offload with a CPU execution device fails inside accelerate for plain
+    nn.Linear layers too, a tied-pointer shortcut that stores a Tensor as a Parameter; it needs a GPU.)"""
+    from accelerate import cpu_offload
+
+    g = torch.Generator().manual_seed(6)
+    lins = [nn.Linear(128, 128).to(BF16) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(engine.quantize_linear(lins[0], "svdq-int4", calib=_r(g, 32, 128), rank=RANK),
+                              nn.GELU(), engine.quantize_linear(lins[1], "fp8"))
+    x = _r(g, 3, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = model(x)
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        cpu_offload(model, execution_device="cpu", offload_buffers=True)
+        assert all(b.device.type == "meta" for b in model.buffers())
+        assert torch.equal(model(x), y)
+    assert {k: v.dtype for k, v in model.state_dict().items()} == dtypes
