@@ -314,3 +314,21 @@ def test_accelerate_per_tensor_offload_of_quantized_layers():
         assert all(b.device.type == "meta" for b in model.buffers())
         assert torch.equal(model(x), y)
     assert {k: v.dtype for k, v in model.state_dict().items()} == dtypes
+
+
+# ---- SD3.5-Medium ---------------------------------------------------------------------------------
+
+
+def test_sd35_medium_dual_attention_fuses_and_quantizes_with_the_defaults(tmp_path):
+    """Failed before: fused attn2 -> AttributeError: 'NoneType' object has no attribute 'ndim'."""
+    ref = sd35m()
+    model = sd35m()
+    x = sd3_inputs(21)
+    engine.load(model, calib=[sd3_inputs(s) for s in range(3)], rank=RANK, progress=False)
+    report = engine.last_report()
+    assert report.qkv_fused and isinstance(model.transformer_blocks[0].attn2.to_qkv, SVDQLinear)
+    assert "transformer_blocks.0.attn2.to_q" in report.removed
+    assert rel(out(model, x), out(ref, x)) < LIMIT
+    model.save_pretrained(tmp_path)  # and the folder round trip of the dual-attention layout
+    again = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path)
+    assert torch.equal(out(again, x), out(model, x))

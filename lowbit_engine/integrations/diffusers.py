@@ -242,6 +242,10 @@ def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
         snap.restore()
         return False, f"fuse_qkv_projections() failed: {type(e).__name__}: {e}", []
     fused = [n for n, _ in transformer.named_modules() if n.rpartition(".")[2] in _FUSED_NAMES]
+    if fused:
+        from .processors import repair_self_attention
+
+        repair_self_attention(transformer)  # SD3.5-Medium's attn2: diffusers gives it the joint processor
     if not fused:
         snap.restore()
         return False, "fuse_qkv_projections() created no fused projection (not supported by these attentions)", []
