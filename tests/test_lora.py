@@ -503,3 +503,50 @@ def test_name_errors(flux, tmp_path):
     assert_same_state(flux.model, state)
     assert torch.equal(run(flux.model, flux.x), y) and lora.loaded(flux.model) == {"a": 1.0}
     assert isinstance(LoRAError("x"), ValueError)
+
+
+# ---- issue 17: alpha in the header, diffusers' LoRA methods on a quantized pipeline -------------
+
+
+def test_alpha_from_save_lora_weights_metadata(flux, tmp_path):
+    """Failed before: alpha in lora_adapter_metadata was ignored (scale 1 instead of 16 / 4 = 4: 84% off)."""
+    logical = logical_lora(flux.ref, seed=41, mag=0.03)
+    layers = {}
+    for n, (a, b) in logical.items():
+        layers[f"{n}.lora_A.weight"], layers[f"{n}.lora_B.weight"] = a.to(BF16), b.to(BF16)
+    diffusers.FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=True,
+                                             transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 16})
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.load(flux.model, path, "meta")
+    check_fidelity(flux, run(flux.model, flux.x), deltas_of(bf16_rounded(logical), 16 / RANK))
+
+
+def test_pipe_lora_methods_route_to_engine_lora(tmp_path):
+    """Failed before: pipe.load_lora_weights -> KeyError on a weight name; fuse_lora / unload_lora_weights /
+    enable_lora_hotswap returned and did nothing."""
+    from lowbit_engine.integrations.tiny import tiny_flux_pipeline
+
+    pipe, emb = tiny_flux_pipeline(layers=1, single_layers=1)
+    lowbit_engine.load(pipe, "svdq-int4", rank=BASE, progress=False)
+    run_kw = dict(**emb, num_inference_steps=1, height=32, width=32, output_type="latent")
+    y0 = pipe(**run_kw, generator=torch.Generator().manual_seed(0)).images
+    logical = logical_lora(pipe.transformer, seed=42, mag=0.2)
+    save_file(diffusers_sd(logical, alpha=float(RANK)), str(tmp_path / "a.safetensors"))
+    save_file(diffusers_sd(logical_lora(pipe.transformer, seed=43, mag=0.2), alpha=float(RANK)),
+              str(tmp_path / "b.safetensors"))
+
+    pipe.enable_lora_hotswap(target_rank=32)
+    pipe.load_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a")
+    assert lora.loaded(pipe) == {"a": 1.0} and lora.capacity(pipe) == 32
+    y1 = pipe(**run_kw, generator=torch.Generator().manual_seed(0)).images
+    assert rel(y1, y0) > 1e-3  # the adapter does something
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    assert lora.loaded(pipe) == {"a": 0.5}
+    pipe.load_lora_weights(str(tmp_path / "b.safetensors"), adapter_name="a", hotswap=True)
+    with pytest.raises(LoRAError, match="cannot fuse a LoRA into its 4-bit weights"):
+        pipe.fuse_lora()
+    with pytest.raises(LoRAError, match="PEFT LoRA layers cannot wrap"):
+        pipe.transformer.load_lora_adapter({})
+    pipe.unload_lora_weights()
+    assert lora.loaded(pipe) == {} and lora.capacity(pipe) is None
+    assert torch.equal(pipe(**run_kw, generator=torch.Generator().manual_seed(0)).images, y0)

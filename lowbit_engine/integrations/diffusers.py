@@ -496,6 +496,15 @@ def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: in
 # ---- the entry point ----------------------------------------------------------------------------
 
 
+def _route_lora(obj: Any, transformer: nn.Module) -> None:
+    from ..lora.diffusers_api import guard_transformer, route_pipeline
+
+    if hasattr(transformer, "load_lora_adapter"):
+        guard_transformer(transformer)
+    if obj is not transformer:
+        route_pipeline(obj)
+
+
 def _quantizer_attach(transformer: nn.Module, fmt: str, rank: int) -> None:
     # Only diffusers models have save_pretrained; importing the backend imports diffusers, so only then.
     if hasattr(transformer, "register_to_config"):
@@ -574,6 +583,7 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
                   quant_opts=quant_opts or {}, progress=progress)
 
     _quantizer_attach(transformer, fmt, rank)  # save_pretrained writes the lowbit folder from here on
+    _route_lora(obj, transformer)  # pipe.load_lora_weights & co. go to engine.lora (or raise exactly)
     report.bytes_after = model_nbytes(transformer)
     report.seconds = time.perf_counter() - start
     _LAST_REPORT = report

@@ -242,6 +242,9 @@ class LowbitQuantizer(DiffusersQuantizer):
         # model quantized for save_pretrained and the LoRA loaders.
         model.is_quantized = False
         model.quantization_method = LowbitMethod.LOWBIT
+        from ..lora.diffusers_api import guard_transformer
+
+        guard_transformer(model)  # diffusers' PEFT LoRA methods cannot wrap quantized layers: exact errors
 
     # ---- save_pretrained ------------------------------------------------------------------------
 

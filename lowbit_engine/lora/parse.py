@@ -90,8 +90,28 @@ def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str
     except Exception as e:  # safetensors raises its own error types; one answer for all of them
         raise LoRAError(f"LoRA file {str(p)!r} cannot be read as safetensors: {type(e).__name__}: {e}") from e
     cfg_path = p.parent / "adapter_config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else _header_config(p)
     return tensors, config
+
+
+def _header_config(path: Path) -> dict[str, Any] | None:
+    """The PEFT config diffusers' ``save_lora_weights`` keeps in the safetensors header: JSON under
+    ``lora_adapter_metadata`` with the transformer's keys prefixed (``"transformer.lora_alpha"``). Without it
+    a file of rank 4 and lora_alpha 16 would run at scale 1 instead of 4."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"LoRA file {str(path)!r}: lora_adapter_metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise LoRAError(f"LoRA file {str(path)!r}: lora_adapter_metadata expected a JSON object, got {meta!r}")
+    prefixed = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    return prefixed or meta
 
 
 # ---- parsing ------------------------------------------------------------------------------------
