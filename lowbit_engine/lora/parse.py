@@ -40,7 +40,11 @@ from .errors import LoRAError
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 PEFT_PREFIX = "base_model.model."
-_DIFFUSERS_PREFIXES = ("transformer.",)
+_DIFFUSERS_PREFIXES = ("transformer.", "diffusion_model.")  # the latter: ComfyUI's prefix for BFL names
+# BFL (original FLUX) module names with dots, as ComfyUI and BFL write them with lora_A / lora_B: read as the
+# kohya spelling of the same names (mapping.py's table), e.g. double_blocks.0.img_attn.qkv
+_BFL_DOTTED = re.compile(r"^(?:double_blocks\.\d+\.|single_blocks\.\d+\.|img_in$|txt_in$|time_in\.|vector_in\.|"
+                         r"guidance_in\.|final_layer\.)")
 _AB = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _KOHYA = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -203,7 +207,8 @@ def _parse_ab(sd: Mapping[str, Tensor], fmt: str, config: dict[str, Any] | None)
     out = []
     for mod in a:
         alpha: float | None = _scalar(sd, alphas[mod]) if mod in alphas else _config_alpha(config, mod)
-        out.append(_pair(mod, _matrix(sd, a[mod]), _matrix(sd, b[mod]), alpha, a[mod], rslora))
+        logical = "kohya:" + mod.replace(".", "_") if _BFL_DOTTED.match(mod) else mod
+        out.append(_pair(logical, _matrix(sd, a[mod]), _matrix(sd, b[mod]), alpha, a[mod], rslora))
     return out
 
 
