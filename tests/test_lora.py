@@ -656,3 +656,21 @@ def test_unreadable_file_gives_both_reasons(flux):
     with pytest.raises(LoRAError, match="diffusers' converters could not read it either"):
         lora.load(flux.model, {"some.thing.weird": torch.ones(2, 2)}, "bad")
     assert lora.loaded(flux.model) == {}
+
+
+def test_route_pipeline_for_a_from_pretrained_transformer(tmp_path):
+    from lowbit_engine import LowbitConfig
+    from lowbit_engine.integrations.tiny import tiny_flux_pipeline
+
+    pipe, emb = tiny_flux_pipeline(layers=1, single_layers=1)
+    pipe.transformer.save_pretrained(tmp_path / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+            tmp_path / "float", quantization_config=LowbitConfig("svdq-int4", rank=BASE))
+    with pytest.raises(LoRAError, match="PEFT LoRA layers cannot wrap"):
+        pipe.transformer.load_lora_adapter({})
+    lora.route_pipeline(pipe)
+    sd = diffusers_sd({"single_transformer_blocks.0.proj_mlp": (torch.randn(RANK, 128), torch.randn(512, RANK))})
+    pipe.load_lora_weights(sd, adapter_name="a")
+    assert lora.loaded(pipe) == {"a": 1.0}

@@ -37,6 +37,7 @@ from .apply import DEFAULT_CAPACITY, Adapter, LoRAState, pad, state_of
 from .errors import LoRAError
 from .mapping import Piece, map_factors
 from .parse import parse_state_dict
+from .diffusers_api import route_pipeline  # pipe.load_lora_weights & co. -> this module (engine.load does it)
 
 Source = str | os.PathLike[str] | Mapping[str, Tensor]
 CACHE_SIZE = 8  # mapped adapters kept per model; switching back to one of them re-reads nothing
@@ -270,4 +271,4 @@ def clear_cache(obj: Any) -> None:
 
 
 __all__ = ["load", "unload", "swap", "set_strength", "loaded", "capacity", "release", "clear_cache", "LoRAError",
-           "LoRASkippedKeysWarning"]
+           "LoRASkippedKeysWarning", "route_pipeline"]

@@ -132,7 +132,17 @@ class _Routes:
 
 
 def route_pipeline(pipe: Any) -> None:
-    """Bind the routed LoRA methods on ``pipe`` (a diffusers pipeline; other objects are left alone)."""
+    """Bind the routed LoRA methods on ``pipe`` (a diffusers pipeline; other objects are left alone).
+
+    ``engine.load(pipe)`` does it. A pipeline assembled around a transformer from ``from_pretrained`` (a
+    lowbit folder, or ``quantization_config=``) needs this call: diffusers' FLUX loader reads
+    ``<layer>.weight`` from the transformer's state dict before any transformer method runs, and a quantized
+    layer has no such tensor (a ``KeyError`` inside diffusers otherwise).
+
+    Example:
+        >>> lowbit_engine.lora.route_pipeline(pipe)                          # doctest: +SKIP
+        >>> pipe.load_lora_weights("style.safetensors", adapter_name="style")  # doctest: +SKIP
+    """
     if not hasattr(pipe, "load_lora_weights"):
         return
     routes = _Routes(pipe)
