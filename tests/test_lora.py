@@ -547,7 +547,7 @@ def test_pipe_lora_methods_route_to_engine_lora(tmp_path):
               str(tmp_path / "b.safetensors"))
 
     pipe.enable_lora_hotswap(target_rank=32)
-    pipe.load_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a")
+    pipe.load_lora_weights(str(tmp_path), weight_name="a.safetensors", adapter_name="a")
     assert lora.loaded(pipe) == {"a": 1.0} and lora.capacity(pipe) == 32
     y1 = pipe(**run_kw, generator=torch.Generator().manual_seed(0)).images
     assert rel(y1, y0) > 1e-3  # the adapter does something

@@ -5,7 +5,7 @@ have (``pipe.load_lora_weights`` died with a ``KeyError`` on a weight name, and 
 ``unload_lora_weights`` / ``enable_lora_hotswap`` did nothing). After ``engine.load(pipe)`` the pipeline's
 methods are replaced, on that pipeline object only:
 
-- ``pipe.load_lora_weights(src, adapter_name=None, hotswap=False)``: ``engine.lora.load`` (name
+- ``pipe.load_lora_weights(src, adapter_name=None, hotswap=False, weight_name=None)``: ``engine.lora.load`` (name
   ``"default_<n>"`` as diffusers names them); ``hotswap=True`` swaps the adapter of that name in place;
 - ``pipe.set_adapters(names, adapter_weights=None)``: the named adapters at those strengths (1.0 by
   default), every other loaded adapter at 0, as diffusers does;
@@ -72,6 +72,11 @@ class _Routes:
                           **kwargs: Any) -> None:
         from . import load, loaded, swap
 
+        weight_name = kwargs.pop("weight_name", None)
+        if weight_name is not None:  # diffusers' form for a folder: load_lora_weights(folder, weight_name=file)
+            from pathlib import Path
+
+            source = Path(source) / weight_name
         ignored = sorted(k for k in kwargs if k != "low_cpu_mem_usage")
         if ignored:
             raise LoRAError(f"load_lora_weights on a quantized pipeline: arguments {ignored} are not supported "
