@@ -332,3 +332,20 @@ def test_sd35_medium_dual_attention_fuses_and_quantizes_with_the_defaults(tmp_pa
     model.save_pretrained(tmp_path)  # and the folder round trip of the dual-attention layout
     again = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path)
     assert torch.equal(out(again, x), out(model, x))
+
+
+def test_device_map_and_lora_release_after_a_cast(tmp_path):
+    model = calibrated_flux()
+    model.save_pretrained(tmp_path)
+    x = flux_inputs(15)
+    again = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path, device_map={"": "cpu"})
+    assert torch.equal(out(again, x), out(model, x))
+    # a LoRA loaded, the model cast to fp16, then every adapter released: the layer runs in fp16 as before
+    g = torch.Generator().manual_seed(16)
+    sd = {"transformer.proj_out.lora_A.weight": _r(g, 4, 64), "transformer.proj_out.lora_B.weight": _r(g, 16, 4)}
+    engine.lora.load(again, sd, "a")
+    again.to(torch.float16)
+    engine.lora.release(again)
+    layer = again.transformer_blocks[0].attn.to_qkv
+    assert layer.lora_down.dtype == layer.lora_up.dtype == torch.float16 == layer.dtype
+    assert rel(out(again, flux_inputs(15, torch.float16)), out(model, x)) < 0.02

@@ -513,7 +513,6 @@ def _quantizer_attach(transformer: nn.Module, fmt: str, rank: int) -> None:
         attach(transformer, fmt, rank)
 
 
-
 def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: Any = None,
          checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | None = None,
          policy: Policy | str | None = None, calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
