@@ -279,6 +279,7 @@ def load_checkpoint(
     strict: bool = True,
     device: torch.device | str | None = None,
     verify: bool = True,
+    allow_extra: bool = False,
 ) -> nn.Module | dict[str, nn.Module]:
     """Load a checkpoint written by :func:`save`, standalone or into ``model``.
 
@@ -298,7 +299,9 @@ def load_checkpoint(
     Everything is checked and loaded on the side first (header, versions, classes, configs against the
     model, each tensor's presence, dtype, shape and checksum, no unexpected tensors); only then is the model
     changed. Any failure raises :class:`~lowbit_engine.errors.CheckpointError` and leaves ``model`` as it was.
-    The price: peak memory is the model plus the checkpoint's modules.
+    With ``allow_extra`` tensors that belong to no quantized module are ignored (a lowbit folder's file also
+    holds the float layers, which the model already has). The price: peak memory is the model plus the
+    checkpoint's modules.
 
     Example:
         >>> import tempfile, os
@@ -329,7 +332,7 @@ def load_checkpoint(
                 cls = registry[entry.record["class"]]
                 _load_entry(f, path, entry, cls, file_keys, _build_device(entry, device), verify)
             extra = sorted(file_keys - {_tensor_name(e.name, k) for e in entries for k in e.module.state_dict()})
-            if extra:
+            if extra and not allow_extra:
                 more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
                 raise _error(path, None, f"unexpected tensors that no module's config accounts for: {extra[:8]}{more}")
     except (SafetensorError, OSError) as e:

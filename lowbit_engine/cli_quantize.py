@@ -2,11 +2,11 @@
 
 Calibration runs the pipeline's own denoising (``--steps`` steps per prompt, latents out, no VAE decode)
 with a progress bar over the steps; then every layer the policy picks is quantized (a second bar). The
-folder it writes loads back with one call (:func:`lowbit_engine.integrations.folder.load_quantized`).
+folder it writes loads back with one call (:func:`lowbit_engine.integrations.folder.load_pipeline`).
 
 Example:
     $ lowbit-engine quantize black-forest-labs/FLUX.1-dev --fmt svdq-int4 --calib prompts.txt --out flux-int4
-    $ python -c "from lowbit_engine.integrations.folder import load_quantized; pipe = load_quantized('flux-int4')"
+    $ python -c "from lowbit_engine.integrations.folder import load_pipeline; pipe = load_pipeline('flux-int4')"
 """
 
 from __future__ import annotations
@@ -142,9 +142,8 @@ def quantize_to_folder(model: str, fmt: str, rank: int, prompts: list[str], *, s
     if stage.exists():
         shutil.rmtree(stage)  # a previous interrupted run of this command
     try:
-        folder.stage_base(pipe, stage)
         load(pipe, fmt, rank=rank, calib=calibration(prompts, steps, size, device), progress=True)
-        folder.write_quantized(pipe, stage, fmt=fmt, source=model)
+        folder.save_pipeline(pipe, stage)
         if out.exists():
             out.rmdir()  # checked empty before anything ran
         stage.rename(out)
@@ -155,8 +154,6 @@ def quantize_to_folder(model: str, fmt: str, rank: int, prompts: list[str], *, s
 
 
 def run(args: argparse.Namespace) -> int:
-    from .integrations import folder
-
     # Every argument is checked before the model loads (which can take minutes for a real one).
     device = check_device(args.device)
     check_model_source(args.model)
@@ -167,11 +164,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = quantize_to_folder(args.model, args.fmt, args.rank, prompts, steps=args.steps, size=args.size,
                               device=device, out=out)
     report = pipe.transformer._lowbit_report
-    ckpt_bytes = (out / folder.CHECKPOINT).stat().st_size
-    base_bytes = _folder_bytes(out / "transformer")
     print(f"size: transformer in memory {_mib(report.bytes_before)} (bf16) -> {_mib(report.bytes_after)} ({args.fmt}); "
-          f"on disk: quantized layers {_mib(ckpt_bytes)}, bf16 transformer {_mib(base_bytes)} "
-          f"(kept in the folder: the current checkpoint holds only the quantized layers), "
-          f"whole folder {_mib(_folder_bytes(out))}")
-    print(f"wrote {out}; load it with: lowbit_engine.integrations.folder.load_quantized({str(out)!r})")
+          f"on disk: transformer {_mib(_folder_bytes(out / 'transformer'))}, whole folder {_mib(_folder_bytes(out))}")
+    print(f"wrote {out}; load it with: lowbit_engine.integrations.folder.load_pipeline({str(out)!r}) "
+          f"(or diffusers.DiffusionPipeline.from_pretrained after importing lowbit_engine)")
     return 0

@@ -106,7 +106,7 @@ def test_quantize_out_must_be_new_and_calib_file_must_exist(capsys, tmp_path):
 def test_quantize_folder_loads_back_with_equal_outputs(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers", reason="FluxPipeline needs transformers")
     from lowbit_engine import cli_quantize
-    from lowbit_engine.integrations.folder import load_quantized
+    from lowbit_engine.integrations.folder import load_pipeline
     from lowbit_engine.integrations.tiny import tiny_flux_pipeline_with_text
     from lowbit_engine.nn import FP8Linear
 
@@ -126,7 +126,7 @@ def test_quantize_folder_loads_back_with_equal_outputs(tmp_path, capsys, monkeyp
     assert re.search(r"size: transformer in memory [\d.]+ MiB \(bf16\) -> [\d.]+ MiB \(fp8\)", text)
     assert not out.with_name(out.name + ".partial").exists()
 
-    again = load_quantized(out)
+    again = load_pipeline(out)
     assert sum(isinstance(m, FP8Linear) for m in again.transformer.modules()) == 28
     call = dict(prompt="a red fox", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
                 output_type="pt")

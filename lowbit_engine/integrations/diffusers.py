@@ -51,6 +51,7 @@ from ..formats import FORMATS
 from ..quant.svdquant import NoCalibrationWarning
 from ..quantize import available_formats, quantize_linear
 from .policies import KEEP, USER_SKIP, Policy, Rule, policy_for
+from . import folder as _folder
 
 MAX_CALIB_TOKENS = 512  # tokens kept per layer: enough for the alpha search, bounded memory
 SIDECAR_SUFFIX = ".json"  # "<checkpoint>.json" records the architecture, its config, fmt and rank
@@ -190,13 +191,15 @@ def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
 
 
 def _config_dict(transformer: nn.Module) -> dict[str, Any]:
-    """The diffusers config of the transformer as JSON reads it back (private ``_`` keys dropped)."""
+    """The diffusers config of the transformer as JSON reads it back (private ``_`` keys and the
+    ``quantization_config`` that quantizing adds dropped: the architecture, not its quantization)."""
     cfg = getattr(transformer, "config", None)
     if cfg is None:
         return {}
     if callable(cfg):  # a module whose config() is a method (SVDQLinear and the other quantized layers)
         cfg = cfg()
-    return json.loads(json.dumps({k: v for k, v in dict(cfg).items() if not k.startswith("_")}, default=str))
+    arch = {k: v for k, v in dict(cfg).items() if not k.startswith("_") and k != "quantization_config"}
+    return json.loads(json.dumps(arch, default=str))
 
 
 # ---- QKV fusion, undoable ----------------------------------------------------------------------
@@ -245,6 +248,10 @@ def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
         snap.restore()
         return False, f"fuse_qkv_projections() failed: {type(e).__name__}: {e}", []
     fused = [n for n, _ in transformer.named_modules() if n.rpartition(".")[2] in _FUSED_NAMES]
+    if fused:
+        from .processors import repair_self_attention
+
+        repair_self_attention(transformer)  # SD3.5-Medium's attn2: diffusers gives it the joint processor
     if not fused:
         snap.restore()
         return False, "fuse_qkv_projections() created no fused projection (not supported by these attentions)", []
@@ -465,7 +472,8 @@ def _planned_shapes(transformer: nn.Module, fuse: bool) -> dict[str, tuple[int, 
     return shapes
 
 
-def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: int, report: LoadReport) -> None:
+def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: int, report: LoadReport,
+                          allow_extra: bool = False) -> None:
     _check_sidecar(path, transformer, fmt, rank)
     modules = _checkpoint_modules(path)
     wants_fused = any(n.rpartition(".")[2] in _FUSED_NAMES for n in modules)
@@ -479,7 +487,7 @@ def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: in
     else:
         report.qkv_note = "the checkpoint holds separate Q/K/V projections"
     try:
-        ckpt.load_checkpoint(path, transformer)
+        ckpt.load_checkpoint(path, transformer, allow_extra=allow_extra)
     except CheckpointError:
         snap.restore()  # the fusion happened before the failed load: undo it, the model is as it was
         raise
@@ -494,7 +502,24 @@ def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: in
 # ---- the entry point ----------------------------------------------------------------------------
 
 
-def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
+def _route_lora(obj: Any, transformer: nn.Module) -> None:
+    from ..lora.diffusers_api import guard_transformer, route_pipeline
+
+    if hasattr(transformer, "load_lora_adapter"):
+        guard_transformer(transformer)
+    if obj is not transformer:
+        route_pipeline(obj)
+
+
+def _quantizer_attach(transformer: nn.Module, fmt: str, rank: int) -> None:
+    # Only diffusers models have save_pretrained; importing the backend imports diffusers, so only then.
+    if hasattr(transformer, "register_to_config"):
+        from .diffusers_quantizer import attach
+
+        attach(transformer, fmt, rank)
+
+
+def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: Any = None,
          checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | None = None,
          policy: Policy | str | None = None, calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
          fuse_qkv_projections: bool = True, max_calib_tokens: int = MAX_CALIB_TOKENS,
@@ -503,13 +528,17 @@ def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
 
     Args:
         obj: a pipeline (its ``.transformer`` is used) or the transformer / any module itself.
-        fmt: a format :func:`lowbit_engine.quantize_linear` builds ("svdq-int4", "svdq-w4a8").
-        rank: rank of the SVDQuant low-rank branch.
+        fmt: a format :func:`lowbit_engine.quantize_linear` builds ("svdq-int4", "svdq-w4a8"); None:
+            "svdq-int4", or with ``checkpoint=`` the format the checkpoint holds.
+        rank: rank of the SVDQuant low-rank branch; None: 32, or the checkpoint's.
         calib: calibration inputs: a list of dicts of transformer forward kwargs; a callable run as
             ``calib(obj)``; or, for a pipeline with text encoders, a list of prompt strings (each runs the
             pipeline for ``calib_steps`` steps with ``output_type="latent"`` and ``calib_kwargs``, e.g. a
             small ``height``/``width``). None: no smoothing (the report says so; one warning).
-        checkpoint: a file from :func:`save`: fuse as it was saved and load it, no calibration.
+        checkpoint: a file from :func:`save`, or a lowbit folder from ``save_pretrained``
+            (:mod:`lowbit_engine.integrations.folder`; a pipeline folder's ``transformer/`` too): fuse as it
+            was saved and load it, no calibration. A path that does not exist (e.g. a hub id) is a
+            CheckpointError: nothing is downloaded.
         skip: regexes of layer names (``re.fullmatch``) to keep as they are, on top of the policy.
         policy: a :class:`Policy`, a policy name ("flux", "sd3", "pixart", "sana", "wan", "generic") or
             None to pick one by the transformer's class.
@@ -536,8 +565,14 @@ def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
     """
     global _LAST_REPORT
     start = time.perf_counter()
-    _check_format(fmt)
     transformer = resolve_transformer(obj)
+    resolved = None
+    if checkpoint is not None:
+        resolved = _folder.resolve_checkpoint(checkpoint)  # no sidecar, fmt or rank needed for a folder
+        fmt, rank = _folder.checkpoint_format(resolved, transformer, fmt, rank)
+    fmt = "svdq-int4" if fmt is None else fmt
+    rank = 32 if rank is None else rank
+    _check_format(fmt)
     chosen = policy_for(transformer, policy)
     if calib is not None and not callable(calib) and not isinstance(calib, (str, dict)):
         calib = list(calib)  # a generator would be used up by the check below
@@ -546,12 +581,14 @@ def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
     report = LoadReport(type(transformer).__name__, chosen.name, fmt, rank, bytes_before=model_nbytes(transformer))
 
     if checkpoint is not None:
-        _load_from_checkpoint(transformer, Path(checkpoint), fmt, rank, report)
+        _load_from_checkpoint(transformer, resolved.file, fmt, rank, report, allow_extra=resolved.is_folder)
     else:
         _quantize(obj, transformer, chosen, report, rank=rank, calib=calib, skip=skip, calib_steps=calib_steps,
                   calib_kwargs=calib_kwargs, fuse=fuse_qkv_projections, max_tokens=max_calib_tokens,
                   quant_opts=quant_opts or {}, progress=progress)
 
+    _quantizer_attach(transformer, fmt, rank)  # save_pretrained writes the lowbit folder from here on
+    _route_lora(obj, transformer)  # pipe.load_lora_weights & co. go to engine.lora (or raise exactly)
     report.bytes_after = model_nbytes(transformer)
     report.seconds = time.perf_counter() - start
     _LAST_REPORT = report

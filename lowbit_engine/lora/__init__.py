@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..integrations.diffusers import resolve_transformer
-from . import apply, parse
+from . import apply, convert, parse
 from .apply import DEFAULT_CAPACITY, Adapter, LoRAState, pad, state_of
 from .errors import LoRAError
 from .mapping import Piece, map_factors
 from .parse import parse_state_dict
+from .diffusers_api import route_pipeline  # pipe.load_lora_weights & co. -> this module (engine.load does it)
 
 Source = str | os.PathLike[str] | Mapping[str, Tensor]
 CACHE_SIZE = 8  # mapped adapters kept per model; switching back to one of them re-reads nothing
@@ -71,7 +73,7 @@ def _pieces(transformer: nn.Module, st: LoRAState, source: Source,
         sd, file_cfg = source, None
     else:
         sd, file_cfg = parse.read_file(source)
-    pieces = map_factors(transformer, parse_state_dict(sd, config if config is not None else file_cfg))
+    pieces = _read(transformer, sd, config if config is not None else file_cfg)
     st.cache[key] = (ref, pieces)
     in_use = {a.source for a in st.adapters.values()}
     for old in list(st.cache):  # evict least recently used entries no loaded adapter points at
@@ -80,6 +82,30 @@ def _pieces(transformer: nn.Module, st: LoRAState, source: Source,
         if old not in in_use and old != key:
             del st.cache[old]
     return key, pieces
+
+
+def _read(transformer: nn.Module, sd: Mapping[str, Tensor], config: dict[str, Any] | None) -> list[Piece]:
+    """The project's parser first (exact for diffusers, PEFT, kohya and BFL names, fused factors kept as one
+    block); what it cannot read goes through diffusers' converter for the architecture (:mod:`.convert`).
+    When both fail the error gives both reasons. Text-encoder keys the converter finds are skipped, with a
+    warning (the transformer is what lowbit-engine adapts)."""
+    try:
+        return map_factors(transformer, parse_state_dict(sd, config))
+    except LoRAError as own:
+        try:
+            converted, dropped = convert.convert(sd, transformer)
+            pieces = map_factors(transformer, parse_state_dict(converted, config))
+        except LoRAError as theirs:
+            raise LoRAError(f"{own}; diffusers' converters could not read it either: {theirs}") from own
+    if dropped:
+        warnings.warn(f"lowbit_engine.lora: skipped {len(dropped)} keys of other components (text encoders), "
+                      f"e.g. {dropped[0]!r}: only the transformer's LoRA is applied", LoRASkippedKeysWarning,
+                      stacklevel=4)
+    return pieces
+
+
+class LoRASkippedKeysWarning(UserWarning):
+    """A LoRA file held keys for other components than the transformer (text encoders); they were skipped."""
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -244,4 +270,5 @@ def clear_cache(obj: Any) -> None:
         del st.cache[key]
 
 
-__all__ = ["load", "unload", "swap", "set_strength", "loaded", "capacity", "release", "clear_cache", "LoRAError"]
+__all__ = ["load", "unload", "swap", "set_strength", "loaded", "capacity", "release", "clear_cache", "LoRAError",
+           "LoRASkippedKeysWarning", "route_pipeline"]

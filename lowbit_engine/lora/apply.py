@@ -167,7 +167,9 @@ def release_capacity(st: LoRAState) -> None:
     for slots in st.layers.values():
         mod = slots.module
         if isinstance(mod, SVDQLinear):
-            mod.lora_down, mod.lora_up = slots.orig
+            # where and in what dtype the layer is now: a .to() since the first load moved the live buffers
+            dev, dtype = mod.lora_down.device, mod.lora_down.dtype
+            mod.lora_down, mod.lora_up = (t.to(device=dev, dtype=dtype) for t in slots.orig)
             mod.rank = slots.base
         else:
             slots.hook.remove()

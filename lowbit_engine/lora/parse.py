@@ -40,7 +40,11 @@ from .errors import LoRAError
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 PEFT_PREFIX = "base_model.model."
-_DIFFUSERS_PREFIXES = ("transformer.",)
+_DIFFUSERS_PREFIXES = ("transformer.", "diffusion_model.")  # the latter: ComfyUI's prefix for BFL names
+# BFL (original FLUX) module names with dots, as ComfyUI and BFL write them with lora_A / lora_B: read as the
+# kohya spelling of the same names (mapping.py's table), e.g. double_blocks.0.img_attn.qkv
+_BFL_DOTTED = re.compile(r"^(?:double_blocks\.\d+\.|single_blocks\.\d+\.|img_in$|txt_in$|time_in\.|vector_in\.|"
+                         r"guidance_in\.|final_layer\.)")
 _AB = re.compile(r"^(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
 _KOHYA = re.compile(r"^(?P<mod>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -90,8 +94,28 @@ def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str
     except Exception as e:  # safetensors raises its own error types; one answer for all of them
         raise LoRAError(f"LoRA file {str(p)!r} cannot be read as safetensors: {type(e).__name__}: {e}") from e
     cfg_path = p.parent / "adapter_config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else _header_config(p)
     return tensors, config
+
+
+def _header_config(path: Path) -> dict[str, Any] | None:
+    """The PEFT config diffusers' ``save_lora_weights`` keeps in the safetensors header: JSON under
+    ``lora_adapter_metadata`` with the transformer's keys prefixed (``"transformer.lora_alpha"``). Without it
+    a file of rank 4 and lora_alpha 16 would run at scale 1 instead of 4."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"LoRA file {str(path)!r}: lora_adapter_metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise LoRAError(f"LoRA file {str(path)!r}: lora_adapter_metadata expected a JSON object, got {meta!r}")
+    prefixed = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    return prefixed or meta
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -183,7 +207,8 @@ def _parse_ab(sd: Mapping[str, Tensor], fmt: str, config: dict[str, Any] | None)
     out = []
     for mod in a:
         alpha: float | None = _scalar(sd, alphas[mod]) if mod in alphas else _config_alpha(config, mod)
-        out.append(_pair(mod, _matrix(sd, a[mod]), _matrix(sd, b[mod]), alpha, a[mod], rslora))
+        logical = "kohya:" + mod.replace(".", "_") if _BFL_DOTTED.match(mod) else mod
+        out.append(_pair(logical, _matrix(sd, a[mod]), _matrix(sd, b[mod]), alpha, a[mod], rslora))
     return out
 
 

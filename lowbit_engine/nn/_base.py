@@ -1,8 +1,16 @@
-"""What every quantized linear module shares: memory accounting and the size part of its repr."""
+"""What every quantized linear module shares: casts that keep the quantized buffers, memory accounting and the
+size part of its repr."""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+# The float dtypes the ops take for a module's compute parts (bias, low-rank factors): a cast to one of
+# these moves them; any other target (fp32, fp8, ...) leaves them as they are.
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class QuantizedLinearBase(nn.Module):
@@ -10,6 +18,49 @@ class QuantizedLinearBase(nn.Module):
 
     in_features: int
     out_features: int
+    dtype: torch.dtype
+    # Buffers in the module dtype that the ops take in bf16 or fp16: the ones a dtype cast may move.
+    COMPUTE_BUFFERS: tuple[str, ...] = ("bias", "lora_down", "lora_up")
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        """``nn.Module._apply`` (behind ``.to``, ``.half``, ``.cuda``, ``to_empty``, ...) that never changes the
+        dtype of a quantized buffer.
+
+        A dtype cast by ``fn`` is found on an empty probe of each buffer; a buffer whose dtype it would
+        change is moved to the probe's device only, except the compute parts (``COMPUTE_BUFFERS``) when the
+        new dtype is bf16 or fp16: those are cast, and ``self.dtype`` follows. So ``pipe.to(torch.float16)``
+        runs the layer with fp16 factors and bias, and ``pipe.to(torch.float32)`` keeps them as they were
+        (the forward casts fp32 inputs to the module dtype and the output back). Buffers fn leaves in their
+        dtype (device moves, ``share_memory_``, ``to_empty``) go through fn as usual.
+
+        Example:
+            >>> from lowbit_engine.nn import SVDQLinear
+            >>> m = SVDQLinear(64, 32, rank=8).to(torch.float16)
+            >>> m.dtype, m.lora_up.dtype, m.smooth.dtype, m.wscales.dtype
+            (torch.float16, torch.float16, torch.float32, torch.bfloat16)
+            >>> m.to(torch.float32).lora_up.dtype
+            torch.float16
+        """
+        moved: dict[str, Tensor] = {}
+        new_dtype = None
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            probe = fn(buf.new_empty(0))
+            if probe.dtype == buf.dtype:
+                continue
+            if name in self.COMPUTE_BUFFERS and probe.dtype in COMPUTE_DTYPES:
+                moved[name] = buf.to(device=probe.device, dtype=probe.dtype)
+                new_dtype = probe.dtype
+            else:
+                moved[name] = buf.to(device=probe.device)
+        for name in moved:
+            self._buffers[name] = None  # nn.Module._apply skips None buffers; these are done
+        super()._apply(fn, recurse)
+        self._buffers.update(moved)
+        if new_dtype is not None:
+            self.dtype = new_dtype
+        return self
 
     @property
     def nbytes(self) -> int:
