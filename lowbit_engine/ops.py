@@ -164,7 +164,7 @@ def quantize_act(
         >>> q.dtype, s.shape, la.shape
         (torch.int8, torch.Size([4]), torch.Size([4, 0]))
     """
-    return torch.ops.lowbit.quantize_act(x, smooth, lora_down, mode)
+    return V.call("quantize_act", x, smooth, lora_down, mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +348,7 @@ def gemm_w4a4(
         >>> gemm_w4a4(qa, sa, int4.pack(qw), sw).shape
         torch.Size([3, 8])
     """
-    return torch.ops.lowbit.gemm_w4a4(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
+    return V.call("gemm_w4a4", act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
 
 
 def gemm_w4a8(
@@ -364,7 +364,7 @@ def gemm_w4a8(
         >>> gemm_w4a8(qa, sa, int4.pack(qw), sw).shape
         torch.Size([3, 8])
     """
-    return torch.ops.lowbit.gemm_w4a8(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
+    return V.call("gemm_w4a8", act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,7 +473,7 @@ def vq_dequantize(
         >>> vq_dequantize(codes, cb, 8, 128, 8).shape
         torch.Size([8, 128])
     """
-    return torch.ops.lowbit.vq_dequantize(codes, codebook, channel_scale, N, K, index_bits, out_dtype)
+    return V.call("vq_dequantize", codes, codebook, channel_scale, N, K, index_bits, out_dtype)
 
 
 def vq_gemm(
@@ -488,7 +488,7 @@ def vq_gemm(
         >>> vq_gemm(torch.randn(5, 128), codes, cb, 8, 128, 8).shape
         torch.Size([5, 8])
     """
-    return torch.ops.lowbit.vq_gemm(x, codes, codebook, channel_scale, bias, N, K, index_bits)
+    return V.call("vq_gemm", x, codes, codebook, channel_scale, bias, N, K, index_bits)
 
 
 OPS = ("quantize_act", "gemm_w4a4", "gemm_w4a8", "vq_dequantize", "vq_gemm")
