@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from ..errors import NonFiniteError
 
 
 class QuantizedLinearBase(nn.Module):
@@ -10,6 +13,36 @@ class QuantizedLinearBase(nn.Module):
 
     in_features: int
     out_features: int
+
+    # Buffers that divide or scale: they must be finite and > 0 (subclasses name theirs).
+    _POSITIVE_BUFFERS: tuple[str, ...] = ()
+
+    @torch.no_grad()
+    def check_buffers(self) -> None:
+        """ValueError unless the buffers hold a valid layer of this format; checkpoints run it after loading.
+
+        Here: every float buffer (fp8 included) is finite, and the scale buffers of ``_POSITIVE_BUFFERS`` are
+        > 0. Subclasses add their format's own rules (index ranges, layout ranges) and call this.
+
+        Example:
+            >>> from lowbit_engine.nn import FP8Linear
+            >>> m = FP8Linear(64, 8)
+            >>> m.weight_scale[3] = float("nan")
+            >>> m.check_buffers()
+            Traceback (most recent call last):
+            ...
+            lowbit_engine.errors.NonFiniteError: FP8Linear: buffer 'weight_scale' has 1 non-finite value(s)
+        """
+        cls = type(self).__name__
+        for name, b in self.named_buffers(recurse=False):
+            if b is None or not b.is_floating_point() or b.numel() == 0:
+                continue
+            bad = int((~torch.isfinite(b.float())).sum())
+            if bad:
+                raise NonFiniteError(f"{cls}: buffer {name!r} has {bad} non-finite value(s)")
+            if name in self._POSITIVE_BUFFERS and not bool((b.float() > 0).all()):
+                raise ValueError(f"{cls}: buffer {name!r} must be > 0 everywhere (a scale), got min "
+                                 f"{float(b.float().min())}")
 
     @property
     def nbytes(self) -> int:
