@@ -145,10 +145,10 @@ def last_report() -> LoadReport | None:
 # ---- small helpers ------------------------------------------------------------------------------
 
 
-def resolve_transformer(obj: Any) -> nn.Module:
+def resolve_transformer(obj: Any, who: str = "lowbit_engine.load") -> nn.Module:
     """The transformer of a pipeline (``obj.transformer``), or ``obj`` itself if it is an ``nn.Module``.
 
-    Raises TypeError for anything else.
+    Raises TypeError for anything else; its message starts with ``who`` (the public function called).
 
     Example:
         >>> resolve_transformer(nn.Linear(64, 64)).__class__.__name__
@@ -159,7 +159,7 @@ def resolve_transformer(obj: Any) -> nn.Module:
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
         return transformer
-    raise TypeError(f"lowbit_engine.load: expected a diffusers pipeline with a .transformer or an nn.Module, "
+    raise TypeError(f"{who}: expected a diffusers pipeline with a .transformer or an nn.Module, "
                     f"got {type(obj).__name__}")
 
 
@@ -425,7 +425,7 @@ def save(obj: Any, path: str | os.PathLike[str]) -> Path:
         >>> json.loads(sidecar_path(p).read_text())["architecture"]
         'Sequential'
     """
-    transformer = resolve_transformer(obj)
+    transformer = resolve_transformer(obj, "lowbit_engine.save")
     path = ckpt.save(transformer, path)
     mods = ckpt.quantized_modules(transformer)
     configs = [m.config() for m in mods.values() if hasattr(m, "config")]
@@ -454,7 +454,13 @@ def _check_sidecar(path: Path, transformer: nn.Module, fmt: str, rank: int) -> N
     side = sidecar_path(path)
     if not side.exists():
         return  # a plain lowbit_engine.save file: load_checkpoint's own checks still apply
-    record = json.loads(side.read_text())
+    try:
+        record = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{side}: the checkpoint's sidecar is not valid JSON ({e}); restore it from the "
+                              f"save or delete it (the checkpoint's own checks still apply without it)") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{side}: the sidecar must hold a JSON object, got {type(record).__name__}")
     arch = type(transformer).__name__
     if record.get("architecture") != arch:
         raise CheckpointError(f"{path}: saved from a {record.get('architecture')}, the model is a {arch}")
