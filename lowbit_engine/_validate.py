@@ -149,3 +149,18 @@ def call(op: str, *args: object) -> object:
     if not torch.compiler.is_compiling():
         schema_types(op, args)
     return getattr(torch.ops.lowbit, op)(*args)
+
+
+def positive_finite(op: str, arg: str, t: torch.Tensor | None) -> None:
+    """Every value of ``t`` finite and > 0 (a divisor such as ``smooth``: 0 would give Inf scales).
+
+    Reads the data, so it runs on CPU tensors only (the op's caller is there anyway; on a GPU the check
+    would synchronize every call: the modules check their smoothing factors when built or loaded, with
+    ``check_buffers``).
+    """
+    if t is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    ok = torch.isfinite(t) & (t > 0)
+    if not bool(ok.all()):
+        k = int((~ok).nonzero()[0, 0])
+        fail(op, arg, "finite values > 0 (it divides x)", f"{float(t[k])} at index {k}")

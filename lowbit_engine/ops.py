@@ -99,6 +99,7 @@ def _quantize_act(
     x: Tensor, smooth: Optional[Tensor], lora_down: Optional[Tensor], mode: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_quantize_act(x, smooth, lora_down, mode)
+    V.positive_finite("quantize_act", "smooth", smooth)  # real tensors only: not in the fake kernel
     return _run("quantize_act", x.device, x, smooth, lora_down, mode)
 
 
@@ -151,7 +152,8 @@ def quantize_act(
 
     Args:
         x: ``[M, K]`` bf16 or fp16, K a multiple of 64.
-        smooth: optional fp32 ``[K]``; the quantizer divides x by it (SVDQuant smoothing).
+        smooth: optional fp32 ``[K]``; the quantizer divides x by it (SVDQuant smoothing). Finite and > 0:
+            zeros, negatives or non-finite values raise OpInputError (checked for CPU tensors).
         lora_down: optional ``[R, K]`` in x's dtype; ``lora_act = x @ lora_down^T`` on the raw x.
         mode: ``"int4"`` (packed uint8 ``[M, K/2]`` + fp32 scales ``[M, K/64]``), ``"int8"`` or ``"fp8"``
             (``[M, K]`` + fp32 scales ``[M]``).

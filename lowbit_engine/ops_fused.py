@@ -65,6 +65,7 @@ def _norm_modulate_quantize(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
                             ) -> tuple[Tensor, Tensor, Tensor]:
     args = (x, shift, scale, eps, smooth, lora_down, mode, tokens_per_sample)
     _check(*args)
+    V.positive_finite("norm_modulate_quantize", "smooth", smooth)  # real tensors only: not in the fake kernel
 
     def why() -> str:
         if x.device.type == "cpu":
