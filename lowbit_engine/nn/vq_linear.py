@@ -55,15 +55,6 @@ class VQLinear(QuantizedLinearBase):
         VQLinear(in_features=3072, out_features=3072, fmt=vq3, k=4096, d=4, channel_scale=False, bias=True, 3.4 MiB (bf16: 18.0 MiB))
     """
 
-    @torch.no_grad()
-    def check_buffers(self) -> None:
-        """ValueError unless the buffers are a valid layer: finite floats (the base check) and every index
-        below the codebook size k (the kernels would read past the codebook)."""
-        super().check_buffers()
-        idx = vqf.unpack_indices(self.codes, self.in_features // self.d, self.index_bits)
-        if idx.numel() and int(idx.max()) >= self.k:
-            raise ValueError(f"VQLinear: codes hold index {int(idx.max())}, the codebook has k={self.k} entries")
-
     FORMAT_VERSION = 1
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "vq2", bias: bool = True,
