@@ -209,6 +209,8 @@ LOAD_FAULTS: dict[str, tuple[Callable[[str, nn.Module], dict[str, Any]], type[Ex
     "missing checkpoint": (lambda a, m: dict(checkpoint="/nonexistent/x.safetensors"), CheckpointError,
                            r"no such checkpoint file"),
     "empty calib": (lambda a, m: dict(calib=[]), ValueError, r"calib is empty"),
+    "skip not a str": (lambda a, m: dict(skip=[3]), TypeError, r"skip patterns must be str regexes, got int"),
+    "calib_steps 0": (lambda a, m: dict(calib_steps=0), ValueError, r"calib_steps must be an int >= 1, got 0"),
 }
 
 
@@ -225,6 +227,14 @@ def test_failed_load_leaves_the_model_unchanged(arch, fault):
             lowbit_engine.integrations.diffusers.load(model, "svdq-int4", **{"rank": 8, "progress": False, **kwargs})
     assert_unchanged(model, snap)
     assert not any(getattr(m, "fused_projections", False) for m in model.modules())
+
+
+def test_load_rejects_a_format_that_is_not_a_str():
+    model = build("generic")
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"fmt must be a format name \(str\), got list"):
+        lowbit_engine.integrations.diffusers.load(model, ["svdq-int4"], progress=False)
+    assert_unchanged(model, snap)
 
 
 def test_the_same_model_then_loads():

@@ -171,6 +171,8 @@ def model_nbytes(model: nn.Module) -> int:
 
 def _check_format(fmt: str) -> None:
     # The same checks quantize_linear makes, made before the model is touched.
+    if not isinstance(fmt, str):
+        raise TypeError(f"lowbit_engine.load: fmt must be a format name (str), got {type(fmt).__name__}")
     if fmt not in FORMATS:
         raise UnknownFormatError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
     if fmt not in available_formats():
