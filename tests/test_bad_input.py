@@ -109,7 +109,8 @@ def _pixart() -> nn.Module:
 
 def _pixart_in(g):
     return dict(hidden_states=_r(g, 1, 4, 16, 16), encoder_hidden_states=_r(g, 1, 8, 64),
-                timestep=torch.rand(1, generator=g) * 1000, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+                timestep=torch.rand(1, generator=g) * 1000,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
 def _sana() -> nn.Module:
@@ -305,7 +306,8 @@ QUANT_FAULTS: dict[str, tuple[Callable[[nn.Linear], dict[str, Any]], type[Except
     "Inf weight": (_poison("weight", float("inf")), NonFiniteError, r"weight has non-finite values \(1 of 8192"),
     "NaN bias": (_poison("bias", float("nan")), NonFiniteError, r"bias has non-finite values \(1 of 64"),
     "meta device": (_meta, ValueError, r"weight is on the meta device"),
-    "calib of the wrong width": (_calib((16, 96)), ValueError, r"calib must be \[\.\.\., K=128\], got shape \(16, 96\)"),
+    "calib of the wrong width": (_calib((16, 96)), ValueError,
+                                 r"calib must be \[\.\.\., K=128\], got shape \(16, 96\)"),
     "NaN calib": (_calib((16, 128), float("nan")), NonFiniteError, r"calib has non-finite values \(1 of 2048"),
     "Inf calib": (_calib((16, 128), float("-inf")), NonFiniteError, r"calib has non-finite values \(1 of 2048"),
     "empty calib": (_calib((0, 128)), ValueError, r"calib has no tokens"),
@@ -583,7 +585,8 @@ def _with_digest(t, meta, name, value):
 CKPT_FAULTS: dict[str, tuple[str, Callable[..., None], str]] = {
     # fault -> (format, edit, message)
     "digests stripped, data changed": ("svdq-int4", _strip_digests_and_flip, r"has no sha256 .* trusted=True"),
-    "reversed shape in the metadata": ("svdq-int4", _reverse_shape, r"the metadata records shape .* the file is corrupt"),
+    "reversed shape in the metadata": ("svdq-int4", _reverse_shape,
+                                       r"the metadata records shape .* the file is corrupt"),
     "int8 recorded for uint8": ("svdq-w4a8", _int8_for_uint8, r"records dtype 'int8', the tensor is 'uint8'"),
     "NaN weight scale": ("fp8", lambda t, m: _with_digest(t, m, "weight_scale", float("nan")),
                          r"not hold a valid FP8Linear: FP8Linear: buffer 'weight_scale' has 1 non-finite"),
@@ -609,7 +612,8 @@ def test_corrupt_checkpoint_is_refused(fault, tmp_path):
 
 def test_trusted_opts_out_of_digests(tmp_path):
     path = ckpt.save(_quantized("svdq-int4"), tmp_path / "m.safetensors")
-    _rewrite(path, lambda t, meta: [r.pop("sha256") for rec in meta["modules"].values() for r in rec["tensors"].values()])
+    _rewrite(path, lambda t, meta: [r.pop("sha256") for rec in meta["modules"].values()
+                                    for r in rec["tensors"].values()])
     with pytest.raises(CheckpointError, match="no sha256"):
         ckpt.load_checkpoint(path)
     assert isinstance(ckpt.load_checkpoint(path, trusted=True)["0"], nn.Module)
