@@ -16,7 +16,11 @@ Pass criterion (``ok`` in the JSON; exit status 1 otherwise)
     After a warm-up (the first 10% of passes: the first swaps fill the LoRA cache, the allocator settles),
     the tables must not change size at all, and memory may not grow by more than a small allowance
     (``LIMITS``) between the median of the first post-warm-up samples and the median of the last ones.
-    A leak of one tensor per pass (10 KiB) or one record entry per call fails it.
+    A leak of one tensor per pass (10 KiB) or one record entry per call fails it. Measured on the CPU
+    (2026-12-03, bench/results/soak-cpu-2026-12-03.json): tables constant, RSS +12 KiB, traced Python
+    memory +29 KiB over the 900 post-warm-up passes (about 32 bytes per pass, spread over torch, diffusers
+    and regex caches with no single growing site in a tracemalloc diff; under the 64 KiB allowance, and
+    the number to watch if it climbs in a longer run).
 
     python bench/soak.py                          # CPU, 1000 passes -> bench/results/soak-cpu-<date>.json
     python bench/soak.py --device cuda --out $OUT/soak-cuda.json
@@ -43,7 +47,7 @@ from torch import nn
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Allowed growth after warm-up, per metric (bytes). RSS moves with the allocator's arenas, so it gets room;
 # traced Python memory and CUDA tensors are exact enough for tight limits.
-LIMITS = {"traced_bytes": 1 << 20, "rss_bytes": 32 << 20, "cuda_allocated_bytes": 1 << 20}
+LIMITS = {"traced_bytes": 64 << 10, "rss_bytes": 32 << 20, "cuda_allocated_bytes": 1 << 20}
 BF16 = torch.bfloat16
 
 
@@ -114,7 +118,11 @@ def memory_sample(device: str, trace: bool) -> dict[str, int]:
         return {"cuda_allocated_bytes": int(torch.cuda.memory_allocated())}
     out = {"rss_bytes": _rss_bytes()}
     if trace:
-        out["traced_bytes"] = tracemalloc.get_traced_memory()[0]
+        # Leave out what the soak itself allocates (its growing list of samples, ~1 KiB each) and
+        # tracemalloc's own bookkeeping: only the engine's, torch's and diffusers' allocations count.
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, __file__), tracemalloc.Filter(False, tracemalloc.__file__)])
+        out["traced_bytes"] = sum(stat.size for stat in snap.statistics("filename"))
     return out
 
 
