@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP_BENCH=1 bash bench/gpu_check.sh
 #   GPU_CHECK_MICROBENCH=0 ...        # skip the sm90 schedule microbenchmark (on by default with 90a)
+#   GPU_CHECK_SANITIZE=0 / GPU_CHECK_SOAK=0 ...   # skip compute-sanitizer / the soak (bench/soak.py)
 #   GPU_CHECK_TESTS="tests/gpu/test_cuda_gemm.py" GPU_CHECK_BENCH_ARGS="--kernels cublas gemm_w4" bash bench/gpu_check.sh
 # The device tool copies the working tree with a stale .git: pass LOWBIT_COMMIT=<the commit you built>
 # in the device command so the JSON names the right commit.
@@ -54,10 +55,19 @@ rc=$?; tail -5 "$OUT/pytest_gpu.log" | tee -a "$OUT/summary.txt"
 [ $rc -eq 0 ] || [ $rc -eq 5 ] || { log "GPU tests FAILED (rc=$rc)"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -30; }
 
 if [ "${GPU_CHECK_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
-  log "compute-sanitizer on the GPU tests of the quantizer (small sizes)"
-  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu tests/gpu \
+  # Every GPU test (tests/gpu and the gpu-marked tests elsewhere), at small sizes: memcheck is ~50x slower.
+  log "compute-sanitizer memcheck on the GPU tests (small sizes)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu ${GPU_CHECK_TESTS:-tests} \
     -k "not 4608 and not 15360" -p no:cacheprovider >"$OUT/sanitizer.log" 2>&1
   log "compute-sanitizer rc=$? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer.log") clean summaries)"
+fi
+
+if [ "${GPU_CHECK_SOAK:-1}" = 1 ]; then
+  # Issue 19: forward passes of a quantized tiny FLUX with LoRA swaps; fails if CUDA memory or the backend
+  # record's tables grow (bench/soak.py). GPU_CHECK_SOAK_PASSES=1000 for the full run.
+  log "soak (bench/soak.py, ${GPU_CHECK_SOAK_PASSES:-300} passes)"
+  python3 bench/soak.py --device cuda --passes "${GPU_CHECK_SOAK_PASSES:-300}" --out "$OUT/soak-cuda.json" \
+    2>&1 | tail -2 | tee -a "$OUT/summary.txt" || log "soak FAILED"
 fi
 
 if [ "${GPU_CHECK_MICROBENCH:-1}" = 1 ] && [[ "$LOWBIT_CUDA_ARCHS" == *90a* ]]; then

@@ -79,3 +79,88 @@ def aligned(op: str, arg: str, t: torch.Tensor | None, nbytes: int = 16) -> None
     if t is not None and t.data_ptr() % nbytes != 0:
         fail(op, arg, f"a {nbytes}-byte aligned data pointer (a view at an odd offset? use .clone())",
              f"address {t.data_ptr():#x}")
+
+
+# ---- the Python types of an op's arguments, checked before torch's schema check ------------------
+
+# Schema type -> the Python types a caller may pass (int arguments include dtypes: torch takes a
+# ScalarType where the schema says int, e.g. out_dtype).
+_SCHEMA_PY: dict[str, tuple[type, ...]] = {
+    "Tensor": (torch.Tensor,), "str": (str,), "int": (int, torch.dtype), "float": (float, int), "bool": (bool,),
+}
+_ARG_TYPES: dict[str, tuple[tuple[str, str, bool], ...]] = {}
+
+
+def _arg_types(op: str) -> tuple[tuple[str, str, bool], ...]:
+    """``(name, base type, optional)`` of each argument of ``lowbit::op``, read once from its schema."""
+    have = _ARG_TYPES.get(op)
+    if have is None:
+        out = []
+        for a in getattr(torch.ops.lowbit, op).default._schema.arguments:
+            t = str(a.type)
+            optional = t.startswith("Optional[")
+            out.append((a.name, t[len("Optional["):-1] if optional else t, optional))
+        have = _ARG_TYPES[op] = tuple(out)
+    return have
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    if isinstance(value, str):
+        return f"the str {value!r}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def schema_types(op: str, args: Sequence[object]) -> None:
+    """Check each argument's Python type against ``lowbit::op``'s schema, naming the first that is wrong.
+
+    torch's own schema check would raise a RuntimeError that names neither the project's op wrapper nor
+    what was expected in its words; this raises :class:`OpInputError` first.
+
+    Example:
+        >>> import lowbit_engine.ops
+        >>> schema_types("quantize_act", ([1, 2], None, None, "int4"))
+        Traceback (most recent call last):
+        ...
+        lowbit_engine.errors.OpInputError: lowbit::quantize_act: argument 'x' expected a torch.Tensor, got a list of 2 item(s)
+    """
+    spec = _arg_types(op)
+    if len(args) != len(spec):
+        fail(op, "*", f"{len(spec)} arguments ({', '.join(n for n, _, _ in spec)})", f"{len(args)}")
+    for (name, base, optional), value in zip(spec, args):
+        if value is None and optional:
+            continue
+        allowed = _SCHEMA_PY.get(base)
+        if allowed is None:  # a schema type this table does not know: torch checks it
+            continue
+        if not isinstance(value, allowed) or (base in ("int", "float") and isinstance(value, bool)):
+            what = {"Tensor": "a torch.Tensor", "str": "a str", "int": "an int or torch.dtype",
+                    "float": "a float", "bool": "a bool"}[base]
+            fail(op, name, what + (" or None" if optional else ""), _describe(value))
+
+
+def call(op: str, *args: object) -> object:
+    """``torch.ops.lowbit.<op>(*args)`` after :func:`schema_types`: the entry every public op wrapper uses.
+
+    While ``torch.compile`` traces, the check is left to the op's fake kernel (which runs the full
+    metadata checks); dynamo has already bound the arguments by then.
+    """
+    if not torch.compiler.is_compiling():
+        schema_types(op, args)
+    return getattr(torch.ops.lowbit, op)(*args)
+
+
+def positive_finite(op: str, arg: str, t: torch.Tensor | None) -> None:
+    """Every value of ``t`` finite and > 0 (a divisor such as ``smooth``: 0 would give Inf scales).
+
+    Reads the data, so it runs on CPU tensors only (the op's caller is there anyway; on a GPU the check
+    would synchronize every call: the modules check their smoothing factors when built or loaded, with
+    ``check_buffers``).
+    """
+    if t is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    ok = torch.isfinite(t) & (t > 0)
+    if not bool(ok.all()):
+        k = int((~ok).nonzero()[0, 0])
+        fail(op, arg, "finite values > 0 (it divides x)", f"{float(t[k])} at index {k}")

@@ -17,6 +17,9 @@ source (e.g. ``from_pretrained``). Layout of the file:
 
 Loading checks everything before it changes anything (see :func:`load_checkpoint`), so a bad file or a
 model of other shapes raises :class:`~lowbit_engine.errors.CheckpointError` and leaves the model as it was.
+Every tensor must have its sha256 (and its recorded dtype and shape must be the tensor's own): a file whose
+digests were stripped is refused unless the caller says it trusts it (``trusted=True``). After the tensors
+are read, each module's own buffer check (``check_buffers``: finite scales, i8q ranges, vq indices) runs.
 
 Example:
     >>> import torch, tempfile, os
@@ -116,7 +119,8 @@ def save(module: nn.Module, path: str | os.PathLike[str]) -> Path:
     each module's class, ``config()`` and a sha256 per tensor. The file is written next to ``path`` and
     renamed over it, so an interrupted save never leaves a half-written checkpoint under the final name.
 
-    Raises ``ValueError`` if ``module`` holds no quantized module.
+    Raises ``ValueError`` if ``module`` holds no quantized module, :class:`CheckpointError` if the
+    directory of ``path`` does not exist.
 
     Example:
         >>> import tempfile, os
@@ -127,6 +131,8 @@ def save(module: nn.Module, path: str | os.PathLike[str]) -> Path:
         'model.safetensors'
     """
     path = Path(path)
+    if not path.parent.is_dir():  # safetensors would say only "No such file or directory" for the .partial
+        raise CheckpointError(f"{path}: cannot save: the directory {str(path.parent)!r} does not exist")
     found = quantized_modules(module)
     if not found:
         known = ", ".join(sorted(_registry()))
@@ -246,8 +252,30 @@ def _build_device(entry: _Entry, device: torch.device | str | None) -> torch.dev
     return torch.device("cpu" if device is None else device)
 
 
+def _check_record(path: Path, name: str, key: str, t: torch.Tensor, record: Any, verify: bool, trusted: bool) -> None:
+    """The tensor's metadata record (dtype, shape, sha256) against the tensor itself.
+
+    Without a record, or a record without a digest, the data cannot be verified: refused unless ``trusted``
+    (or ``verify=False``). A record's dtype and shape, when present, must be the tensor's own.
+    """
+    if not verify:
+        return
+    record = record if isinstance(record, dict) else {}
+    for field, have in (("dtype", _dtype_name(t.dtype)), ("shape", list(t.shape))):
+        if field in record and record[field] != have:
+            raise _error(path, name, f"tensor {key!r}: the metadata records {field} {record[field]!r}, the tensor "
+                        f"is {have!r}: the file is corrupt")
+    digest = record.get("sha256")
+    if digest is None:
+        if not trusted:
+            raise _error(path, name, f"tensor {key!r} has no sha256 in the metadata, so its data cannot be "
+                        f"verified; pass trusted=True to load a file you trust without digests")
+    elif _sha256(t) != digest:
+        raise _error(path, name, f"tensor {key!r} does not match the sha256 in the metadata: the file is corrupt")
+
+
 def _load_entry(f: Any, path: Path, entry: _Entry, cls: type[nn.Module], file_keys: set[str],
-                device: torch.device, verify: bool) -> None:
+                device: torch.device, verify: bool, trusted: bool) -> None:
     """Set ``entry.module``: built from the entry's config, filled with the file's tensors after checking them."""
     name, cfg, stored = entry.name, entry.record["config"], entry.record.get("tensors", {})
     try:
@@ -263,12 +291,18 @@ def _load_entry(f: Any, path: Path, entry: _Entry, cls: type[nn.Module], file_ke
         if t.dtype != want.dtype or t.shape != want.shape:
             raise _error(path, name, f"tensor {key!r} expected {_dtype_name(want.dtype)} {list(want.shape)} "
                         f"(from config {cfg}), got {_dtype_name(t.dtype)} {list(t.shape)}")
-        digest = (stored.get(state_name) or {}).get("sha256")
-        if verify and digest is not None and _sha256(t) != digest:
-            raise _error(path, name, f"tensor {key!r} does not match the sha256 in the metadata: the file is corrupt")
-        loaded[state_name] = t.to(want.device)
+        _check_record(path, name, key, t, stored.get(state_name), verify, trusted)
+        # Own storage per tensor: safetensors may hand out views of one buffer (empty tensors share an
+        # address), and torch.save refuses a state dict whose tensors view one storage as several dtypes.
+        loaded[state_name] = t.clone() if want.device == t.device else t.to(want.device)
     # assign=True keeps the tensors just read rather than copying them into the empty ones (half the memory).
     module.load_state_dict(loaded, strict=True, assign=True)
+    check = getattr(module, "check_buffers", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise _error(path, name, f"the tensors do not hold a valid {cls.__name__}: {e}") from e
     entry.module = module
 
 
@@ -280,6 +314,7 @@ def load_checkpoint(
     device: torch.device | str | None = None,
     verify: bool = True,
     allow_extra: bool = False,
+    trusted: bool = False,
 ) -> nn.Module | dict[str, nn.Module]:
     """Load a checkpoint written by :func:`save`, standalone or into ``model``.
 
@@ -294,7 +329,10 @@ def load_checkpoint(
       the quantized module, built on ``device`` (default: the Linear's device) in the Linear's train/eval mode.
 
     With ``strict`` (default) the model must not hold quantized modules that the checkpoint lacks. Returns
-    ``model``. With ``verify`` (default) each tensor whose metadata has a sha256 is checked against it.
+    ``model``. With ``verify`` (default) each tensor is checked against its metadata record: its sha256,
+    dtype and shape. A tensor without a sha256 is refused unless ``trusted=True`` (a file you made or
+    trust; the digests that are there are still checked); ``verify=False`` skips these checks entirely.
+    Each loaded module's ``check_buffers()`` runs in any case.
 
     Everything is checked and loaded on the side first (header, versions, classes, configs against the
     model, each tensor's presence, dtype, shape and checksum, no unexpected tensors); only then is the model
@@ -330,7 +368,7 @@ def load_checkpoint(
             file_keys = set(f.keys())
             for entry in entries:
                 cls = registry[entry.record["class"]]
-                _load_entry(f, path, entry, cls, file_keys, _build_device(entry, device), verify)
+                _load_entry(f, path, entry, cls, file_keys, _build_device(entry, device), verify, trusted)
             extra = sorted(file_keys - {_tensor_name(e.name, k) for e in entries for k in e.module.state_dict()})
             if extra and not allow_extra:
                 more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""

@@ -19,8 +19,24 @@ class ReferenceFallbackWarning(UserWarning):
 
 
 class CheckpointError(ValueError):
-    """A quantized checkpoint cannot be read or does not fit the model it is loaded into.
+    """A quantized checkpoint cannot be written or read, or does not fit the model it is loaded into.
 
     The message names the file, the module, what was expected and what came. Raised before the model is
     touched: a failed load leaves it exactly as it was.
+    """
+
+
+class NonFiniteError(ValueError):
+    """A weight, calibration batch or smoothing factor holds NaN or Inf where the format needs finite values.
+
+    Quantizers reject non-finite weights (a NaN would otherwise be stored in a scale or codebook, or be
+    rounded away into finite codes); activations are never rejected: their NaN propagates (docs/formats.md,
+    "Non-finite values").
+    """
+
+
+class CalibrationError(ValueError):
+    """A calibration run of ``engine.load`` failed; the message names the input that failed and why.
+
+    The model is left exactly as it was before the call.
     """

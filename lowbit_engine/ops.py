@@ -99,6 +99,7 @@ def _quantize_act(
     x: Tensor, smooth: Optional[Tensor], lora_down: Optional[Tensor], mode: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_quantize_act(x, smooth, lora_down, mode)
+    V.positive_finite("quantize_act", "smooth", smooth)  # real tensors only: not in the fake kernel
     return _run("quantize_act", x.device, x, smooth, lora_down, mode)
 
 
@@ -151,7 +152,8 @@ def quantize_act(
 
     Args:
         x: ``[M, K]`` bf16 or fp16, K a multiple of 64.
-        smooth: optional fp32 ``[K]``; the quantizer divides x by it (SVDQuant smoothing).
+        smooth: optional fp32 ``[K]``; the quantizer divides x by it (SVDQuant smoothing). Finite and > 0:
+            zeros, negatives or non-finite values raise OpInputError (checked for CPU tensors).
         lora_down: optional ``[R, K]`` in x's dtype; ``lora_act = x @ lora_down^T`` on the raw x.
         mode: ``"int4"`` (packed uint8 ``[M, K/2]`` + fp32 scales ``[M, K/64]``), ``"int8"`` or ``"fp8"``
             (``[M, K]`` + fp32 scales ``[M]``).
@@ -164,7 +166,7 @@ def quantize_act(
         >>> q.dtype, s.shape, la.shape
         (torch.int8, torch.Size([4]), torch.Size([4, 0]))
     """
-    return torch.ops.lowbit.quantize_act(x, smooth, lora_down, mode)
+    return V.call("quantize_act", x, smooth, lora_down, mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def gemm_w4a4(
         >>> gemm_w4a4(qa, sa, int4.pack(qw), sw).shape
         torch.Size([3, 8])
     """
-    return torch.ops.lowbit.gemm_w4a4(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
+    return V.call("gemm_w4a4", act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
 
 
 def gemm_w4a8(
@@ -364,7 +366,7 @@ def gemm_w4a8(
         >>> gemm_w4a8(qa, sa, int4.pack(qw), sw).shape
         torch.Size([3, 8])
     """
-    return torch.ops.lowbit.gemm_w4a8(act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
+    return V.call("gemm_w4a8", act, act_scales, w, w_scales, lora_act, lora_up, bias, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,7 +475,7 @@ def vq_dequantize(
         >>> vq_dequantize(codes, cb, 8, 128, 8).shape
         torch.Size([8, 128])
     """
-    return torch.ops.lowbit.vq_dequantize(codes, codebook, channel_scale, N, K, index_bits, out_dtype)
+    return V.call("vq_dequantize", codes, codebook, channel_scale, N, K, index_bits, out_dtype)
 
 
 def vq_gemm(
@@ -488,7 +490,7 @@ def vq_gemm(
         >>> vq_gemm(torch.randn(5, 128), codes, cb, 8, 128, 8).shape
         torch.Size([5, 8])
     """
-    return torch.ops.lowbit.vq_gemm(x, codes, codebook, channel_scale, bias, N, K, index_bits)
+    return V.call("vq_gemm", x, codes, codebook, channel_scale, bias, N, K, index_bits)
 
 
 OPS = ("quantize_act", "gemm_w4a4", "gemm_w4a8", "vq_dequantize", "vq_gemm")

@@ -102,8 +102,9 @@ def fp8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = No
                out_dtype: torch.dtype | None = None) -> Tensor:
     """``fp8`` layer: x ``[M, K]`` quantized per token to e4m3, times e4m3 weights ``[N, K]`` with fp32
     per-channel scales, + optional ``(x @ lora_down^T) @ lora_up^T`` + bias; output ``out_dtype`` (x's)."""
-    return torch.ops.lowbit.fp8_linear(x, w_q, w_scale, bias, lora_down, lora_up,
-                                       x.dtype if out_dtype is None else out_dtype)
+    if out_dtype is None and isinstance(x, Tensor):  # (a non-tensor x is named by V.call's check)
+        out_dtype = x.dtype
+    return V.call("fp8_linear", x, w_q, w_scale, bias, lora_down, lora_up, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,8 +195,10 @@ def fp4_linear(x: Tensor, w_packed: Tensor, w_block_scales: Tensor, w_inv: Tenso
                out_dtype: torch.dtype | None = None) -> Tensor:
     """FP4 layer: weights nvfp4/mxfp4 (+ the per-row constants of :func:`fp4_fp8_scales`), activations
     fp8 per token (``act="fp8"``) or bf16 (``act="bf16"``, weight-only); output ``out_dtype`` (x's)."""
-    return torch.ops.lowbit.fp4_linear(x, w_packed, w_block_scales, w_inv, w_scale_fp8, w_scale_bf16, bias,
-                                       fmt, act, x.dtype if out_dtype is None else out_dtype)
+    if out_dtype is None and isinstance(x, Tensor):  # (a non-tensor x is named by V.call's check)
+        out_dtype = x.dtype
+    return V.call("fp4_linear", x, w_packed, w_block_scales, w_inv, w_scale_fp8, w_scale_bf16, bias, fmt, act,
+                  out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def _norm_modulate_quantize(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
                             ) -> tuple[Tensor, Tensor, Tensor]:
     args = (x, shift, scale, eps, smooth, lora_down, mode, tokens_per_sample)
     _check(*args)
+    V.positive_finite("norm_modulate_quantize", "smooth", smooth)  # real tensors only: not in the fake kernel
 
     def why() -> str:
         if x.device.type == "cpu":
@@ -94,8 +95,9 @@ def norm_modulate_quantize(x: Tensor, shift: Tensor, scale: Tensor, eps: float =
 
     Returns ``(q, scales, lora_act)`` as :func:`lowbit_engine.ops.quantize_act`. See the module example.
     """
-    T = x.shape[0] if tokens_per_sample is None else tokens_per_sample
-    return torch.ops.lowbit.norm_modulate_quantize(x, shift, scale, float(eps), smooth, lora_down, mode, T)
+    T = x.shape[0] if tokens_per_sample is None and isinstance(x, Tensor) else tokens_per_sample
+    eps = float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else eps
+    return V.call("norm_modulate_quantize", x, shift, scale, eps, smooth, lora_down, mode, T)
 
 
 # --------------------------------------------------------------------------------------------------

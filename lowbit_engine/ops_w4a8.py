@@ -168,8 +168,8 @@ def gemm_w4a8_f8l(act: Tensor, act_scales: Tensor, w: Tensor, w_gscales: Tensor,
         >>> gemm_w4a8_f8l(qa, sa, f8l.pack(codes), gs, r).shape
         torch.Size([3, 8])
     """
-    return torch.ops.lowbit.gemm_w4a8_f8l(act, act_scales, w, w_gscales, w_row_scale, lora_act, lora_up, bias,
-                                          out_dtype)
+    return V.call("gemm_w4a8_f8l", act, act_scales, w, w_gscales, w_row_scale, lora_act, lora_up, bias,
+                  out_dtype)
 
 
 def gemm_w4a8_i8q(act: Tensor, act_scales: Tensor, w: Tensor, w_steps: Tensor, w_zeros: Tensor,
@@ -178,8 +178,8 @@ def gemm_w4a8_i8q(act: Tensor, act_scales: Tensor, w: Tensor, w_steps: Tensor, w
     """W4A8 GEMM on I8Q weights: int8 tokens ``act [M, K]`` (fp32 ``act_scales [M]``) x I8Q codes
     ``w uint8 [N, K/2]``, ``w_steps`` / ``w_zeros`` uint8 ``[N, K/64]``, ``w_row_scale`` fp32 ``[N]``
     (:mod:`lowbit_engine.formats.i8q`); epilogue as :func:`gemm_w4a8_f8l`. See the module example."""
-    return torch.ops.lowbit.gemm_w4a8_i8q(act, act_scales, w, w_steps, w_zeros, w_row_scale, lora_act, lora_up,
-                                          bias, out_dtype)
+    return V.call("gemm_w4a8_i8q", act, act_scales, w, w_steps, w_zeros, w_row_scale, lora_act, lora_up,
+                  bias, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

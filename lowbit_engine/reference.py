@@ -45,6 +45,12 @@ def _div(x: torch.Tensor, by: float) -> torch.Tensor:
     return x / torch.full_like(x, by)
 
 
+def _act_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``amax / qmax``, NaN where amax is NaN or infinite (docs/formats.md, "Non-finite values"): the NaN
+    scale then gives q = 0 and a NaN GEMM output for that row, on every backend alike."""
+    return torch.where(torch.isfinite(amax), _div(amax, qmax), torch.full_like(amax, float("nan")))
+
+
 # ---- activation quantizer ---------------------------------------------------------------------
 
 
@@ -52,7 +58,7 @@ def _quantize_int4_g64(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 group 64 of fp32 ``xs [M, K]``: fp32 scales ``amax / 7`` and packed ``uint8 [M, K/2]``."""
     M, K = xs.shape
     g = xs.reshape(M, K // GROUP, GROUP)
-    scale = _div(g.abs().amax(dim=-1), 7.0)
+    scale = _act_scale(g.abs().amax(dim=-1), 7.0)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
     q = torch.where(scale[..., None] > 0, torch.round(g / safe).clamp(-8, 7), torch.zeros_like(g))
     return int4.pack(q.to(torch.int8).reshape(M, K)), scale
@@ -61,7 +67,7 @@ def _quantize_int4_g64(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quantize_per_token(xs: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 (``amax / 127``, rint, clamp +-127) or fp8 (``amax / 448``, clamp +-448, e4m3 RNE) per row."""
     qmax = 127.0 if mode == "int8" else 448.0
-    scale = _div(xs.abs().amax(dim=-1), qmax)
+    scale = _act_scale(xs.abs().amax(dim=-1), qmax)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
     y = xs / safe
     if mode == "int8":

@@ -33,7 +33,11 @@ def fill_random(module: nn.Module, gen: torch.Generator) -> nn.Module:
     """Random values of the right dtype in every tensor (no quantizer needed: the checkpoint stores bytes)."""
     with torch.no_grad():
         for name, t in module.state_dict().items():
-            if t.dtype == torch.uint8:
+            if t.dtype == torch.uint8 and name in ("wscales", "wzeros"):  # i8q: inside the int8 range, as
+                # load_checkpoint's check_buffers demands (s <= 8 keeps z * s and (15 - z) * s <= 127)
+                t.copy_(torch.randint(1, 9, t.shape, generator=gen, dtype=torch.uint8) if name == "wscales"
+                        else torch.randint(0, 16, t.shape, generator=gen, dtype=torch.uint8))
+            elif t.dtype == torch.uint8:
                 t.copy_(torch.randint(0, 256, t.shape, generator=gen, dtype=torch.uint8))
             elif name == "smooth" or name == "wscales":  # positive scales keep a forward finite
                 t.copy_(torch.rand(t.shape, generator=gen) * 0.05 + 0.5)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -16,11 +17,21 @@ namespace {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("quantize_act: " + msg); }
 
-// max |v| over n values (fp32; exact, max needs no rounding).
+// max |v| over n values (fp32; exact, max needs no rounding). A NaN anywhere gives NaN, as torch.amax does
+// (std::max(amax, NaN) would silently keep amax: a NaN row then got finite codes and scales).
 float abs_max(const float* v, int64_t n) {
   float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(v[i]));
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(v[i]);
+    if (a > amax || a != a) amax = a;  // once amax is NaN, no comparison is true: it stays NaN
+  }
   return amax;
+}
+
+// The scale of a row or group (docs/formats.md, "Non-finite values"): amax / qmax, or NaN when amax is
+// NaN or infinite; a NaN scale fails the "scale > 0" test, so q = 0 and the GEMM writes NaN (0 * NaN).
+float act_scale(float amax, float qmax) {
+  return amax <= std::numeric_limits<float>::max() ? amax / qmax : std::numeric_limits<float>::quiet_NaN();
 }
 
 // One row of int4 group-64: fp32 scale = amax / 7, q = clamp(rint(x / scale), -8, 7), packed two per
@@ -28,7 +39,7 @@ float abs_max(const float* v, int64_t n) {
 void quantize_row_int4(const float* xs, int64_t K, uint8_t* q_row, float* scale_row) {
   for (int64_t g = 0; g < K / kInt4Group; ++g) {
     const float* v = xs + g * kInt4Group;
-    const float scale = abs_max(v, kInt4Group) / 7.0f;
+    const float scale = act_scale(abs_max(v, kInt4Group), 7.0f);
     scale_row[g] = scale;
     int8_t q[kInt4Group];
     for (int64_t i = 0; i < kInt4Group; ++i) {
@@ -45,7 +56,7 @@ void quantize_row_int4(const float* xs, int64_t K, uint8_t* q_row, float* scale_
 
 // One row of int8 per token: scale = amax / 127, q = clamp(rint(x / scale), -127, 127).
 void quantize_row_int8(const float* xs, int64_t K, int8_t* q_row, float* scale) {
-  const float s = abs_max(xs, K) / 127.0f;
+  const float s = act_scale(abs_max(xs, K), 127.0f);
   *scale = s;
   for (int64_t k = 0; k < K; ++k) {
     const float r = s > 0.0f ? std::nearbyint(xs[k] / s) : 0.0f;
@@ -56,7 +67,7 @@ void quantize_row_int8(const float* xs, int64_t K, int8_t* q_row, float* scale) 
 // One row of fp8 per token: scale = amax / 448, q = e4m3(clamp(x / scale, -448, 448)) (RNE).
 // A zero row keeps scale 0 and q 0, like the int paths (docs/formats.md, 8-bit activations).
 void quantize_row_fp8(const float* xs, int64_t K, uint8_t* q_row, float* scale) {
-  const float s = abs_max(xs, K) / 448.0f;
+  const float s = act_scale(abs_max(xs, K), 448.0f);
   *scale = s;
   for (int64_t k = 0; k < K; ++k) {
     q_row[k] = s > 0.0f ? float_to_e4m3(std::clamp(xs[k] / s, -448.0f, 448.0f)) : uint8_t(0);

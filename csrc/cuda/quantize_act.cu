@@ -97,6 +97,12 @@ __device__ __forceinline__ uint4 ld_cached(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// The scale of a row or group (docs/formats.md, "Non-finite values"): amax / qmax, NaN when amax is NaN or
+// infinite (a NaN scale gives q = 0 below, and the GEMM writes NaN for the row), as the references do.
+__device__ __forceinline__ float act_scale(float amax, float qmax) {
+  return amax <= 3.402823466e38f ? __fdiv_rn(amax, qmax) : __int_as_float(0x7fc00000);
+}
+
 // max that propagates NaN (torch.amax semantics): a NaN in a group gives a NaN scale and q = 0.
 __device__ __forceinline__ float max_nan(float a, float b) {
   float d;
@@ -450,7 +456,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_act_kernel(const Params 
       }
       a = max_nan(a, __shfl_xor_sync(0xffffffffu, a, 1));
       a = max_nan(a, __shfl_xor_sync(0xffffffffu, a, 2));
-      const float scale = __fdiv_rn(a, 7.0f);
+      const float scale = act_scale(a, 7.0f);
       const Divisor d = make_divisor(scale);
       if (row_ok[h]) {
 #pragma unroll
@@ -556,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_act_kernel(const Params 
       for (int k = 0; k < cs; ++k) a = max_nan(a, cluster_peer(s_amax_part, k)[tid]);
       s_amax_fin[tid] = a;
       constexpr float kQmax = (MODE == kInt8) ? 127.0f : 448.0f;
-      if (crank == 0 && m0 + tid < M) p.scales[m0 + tid] = __fdiv_rn(a, kQmax);
+      if (crank == 0 && m0 + tid < M) p.scales[m0 + tid] = act_scale(a, kQmax);
     }
     if (chunk >= 0) {
       const int lo = (crank * kChunkFloats) / cs, hi = ((crank + 1) * kChunkFloats) / cs;
@@ -643,7 +649,7 @@ __global__ void __launch_bounds__(kThreads, 2) quantize_act_kernel(const Params 
     Divisor dv[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      scale[h] = __fdiv_rn(s_amax_fin[g + 8 * h], kQmax);
+      scale[h] = act_scale(s_amax_fin[g + 8 * h], kQmax);
       dv[h] = make_divisor(scale[h]);
     }
     if (held) {

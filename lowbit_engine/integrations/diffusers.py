@@ -12,6 +12,11 @@ The steps, in order:
 
 With ``checkpoint=`` step 3 and 4 become :func:`lowbit_engine.load_checkpoint` (no calibration).
 
+The call is atomic: every argument is checked before the model is touched, and steps 2 to 4 run inside one
+:func:`~lowbit_engine.integrations.staging.staged` transaction, so a failure at any step (a calibration
+input the model rejects, a layer the quantizer refuses, a corrupt checkpoint) leaves the model with the same
+modules and a bit-identical state dict.
+
 The call returns the object it was given. The :class:`LoadReport` (what was quantized, what was kept and
 why, memory before and after) is logged at INFO on the ``lowbit_engine`` logger unless ``progress=False``
 (``logging.basicConfig(level=logging.INFO)`` shows it; the ``lowbit-engine`` command does), stored at
@@ -31,9 +36,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -46,12 +53,13 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
-from ..errors import CheckpointError, UnknownFormatError
+from ..errors import CalibrationError, CheckpointError, UnknownFormatError
 from ..formats import FORMATS
 from ..quant.svdquant import NoCalibrationWarning
-from ..quantize import available_formats, quantize_linear
+from ..quantize import available_formats, check_options, quantize_linear
 from .policies import KEEP, USER_SKIP, Policy, Rule, policy_for
 from . import folder as _folder
+from .staging import Transaction, staged
 
 MAX_CALIB_TOKENS = 512  # tokens kept per layer: enough for the alpha search, bounded memory
 SIDECAR_SUFFIX = ".json"  # "<checkpoint>.json" records the architecture, its config, fmt and rank
@@ -142,10 +150,10 @@ def last_report() -> LoadReport | None:
 # ---- small helpers ------------------------------------------------------------------------------
 
 
-def resolve_transformer(obj: Any) -> nn.Module:
+def resolve_transformer(obj: Any, who: str = "lowbit_engine.load") -> nn.Module:
     """The transformer of a pipeline (``obj.transformer``), or ``obj`` itself if it is an ``nn.Module``.
 
-    Raises TypeError for anything else.
+    Raises TypeError for anything else; its message starts with ``who`` (the public function called).
 
     Example:
         >>> resolve_transformer(nn.Linear(64, 64)).__class__.__name__
@@ -156,7 +164,7 @@ def resolve_transformer(obj: Any) -> nn.Module:
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
         return transformer
-    raise TypeError(f"lowbit_engine.load: expected a diffusers pipeline with a .transformer or an nn.Module, "
+    raise TypeError(f"{who}: expected a diffusers pipeline with a .transformer or an nn.Module, "
                     f"got {type(obj).__name__}")
 
 
@@ -168,6 +176,8 @@ def model_nbytes(model: nn.Module) -> int:
 
 def _check_format(fmt: str) -> None:
     # The same checks quantize_linear makes, made before the model is touched.
+    if not isinstance(fmt, str):
+        raise TypeError(f"lowbit_engine.load: fmt must be a format name (str), got {type(fmt).__name__}")
     if fmt not in FORMATS:
         raise UnknownFormatError(f"unknown format {fmt!r}; known formats: {', '.join(sorted(FORMATS))}")
     if fmt not in available_formats():
@@ -205,33 +215,6 @@ def _config_dict(transformer: nn.Module) -> dict[str, Any]:
 # ---- QKV fusion, undoable ----------------------------------------------------------------------
 
 
-class _FusionSnapshot:
-    """What QKV fusion changes (children, ``fused_projections``, processors), so a failed load can undo it."""
-
-    _MISSING = object()
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.saved = [(m, dict(m._modules), m.__dict__.get("fused_projections", self._MISSING),
-                       m.__dict__.get("processor", self._MISSING))
-                      for m in model.modules() if hasattr(m, "to_q") or "processor" in m.__dict__]
-        self.root_procs = model.__dict__.get("original_attn_processors", self._MISSING)
-
-    def restore(self) -> None:
-        for m, children, fused, proc in self.saved:
-            m._modules.clear()
-            m._modules.update(children)
-            for key, value in (("fused_projections", fused), ("processor", proc)):
-                if value is self._MISSING:
-                    m.__dict__.pop(key, None)
-                else:
-                    m.__dict__[key] = value
-        if self.root_procs is self._MISSING:
-            self.model.__dict__.pop("original_attn_processors", None)
-        else:
-            self.model.__dict__["original_attn_processors"] = self.root_procs
-
-
 def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
     """Fuse Q/K/V with diffusers' ``fuse_qkv_projections()`` and drop the separate projections it supersedes.
 
@@ -241,11 +224,11 @@ def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
     fn = getattr(transformer, "fuse_qkv_projections", None)
     if fn is None:
         return False, "the model has no fuse_qkv_projections()", []
-    snap = _FusionSnapshot(transformer)
+    tx = Transaction(transformer)
     try:
         fn()
     except Exception as e:  # diffusers raises ValueError for added-KV processors; anything else: same answer
-        snap.restore()
+        tx.rollback()
         return False, f"fuse_qkv_projections() failed: {type(e).__name__}: {e}", []
     fused = [n for n, _ in transformer.named_modules() if n.rpartition(".")[2] in _FUSED_NAMES]
     if fused:
@@ -253,8 +236,9 @@ def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
 
         repair_self_attention(transformer)  # SD3.5-Medium's attn2: diffusers gives it the joint processor
     if not fused:
-        snap.restore()
+        tx.rollback()
         return False, "fuse_qkv_projections() created no fused projection (not supported by these attentions)", []
+    tx.commit()
     removed = []
     for name in fused:
         parent_name, _, child = name.rpartition(".")
@@ -296,11 +280,17 @@ class _TokenSampler:
         self.tokens, self.keys = x.contiguous(), keys
 
 
-def _calib_items(obj: Any, transformer: nn.Module, calib: Any) -> list[Any] | Callable[[Any], Any]:
+def _calib_items(obj: Any, transformer: nn.Module, calib: Any,
+                 calib_kwargs: dict[str, Any] | None = None) -> list[Any] | Callable[[Any], Any]:
     """``calib`` checked (before the model is touched): a callable, or a list of dicts / prompt strings."""
     if callable(calib):
         return calib
     items = [calib] if isinstance(calib, (str, dict)) else list(calib)
+    if not items:
+        raise ValueError("lowbit_engine.load: calib is empty; pass at least one input, or calib=None for no "
+                         "calibration")
+    if calib_kwargs and any(isinstance(item, str) for item in items):
+        _check_call_kwargs(obj, calib_kwargs)
     for item in items:
         if isinstance(item, str):
             if obj is transformer:
@@ -314,18 +304,45 @@ def _calib_items(obj: Any, transformer: nn.Module, calib: Any) -> list[Any] | Ca
     return items
 
 
+def _check_call_kwargs(obj: Any, calib_kwargs: dict[str, Any]) -> None:
+    """calib_kwargs the pipeline's ``__call__`` does not take fail here, before the model is touched."""
+    try:
+        params = inspect.signature(obj.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read (a C callable): the run itself will tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(calib_kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"lowbit_engine.load: calib_kwargs {unknown} are not arguments of "
+                         f"{type(obj).__name__}.__call__ (it takes: {', '.join(sorted(params))})")
+
+
 def _run_calibration(obj: Any, transformer: nn.Module, calib: Any, calib_steps: int,
                      calib_kwargs: dict[str, Any]) -> int:
-    """Run the calibration inputs; returns how many runs were made."""
-    items = _calib_items(obj, transformer, calib)
+    """Run the calibration inputs; returns how many runs were made.
+
+    A run that raises becomes a :class:`CalibrationError` naming the input (the original error is its
+    ``__cause__``); the caller's transaction then puts the model back.
+    """
+    items = _calib_items(obj, transformer, calib, calib_kwargs)
     if callable(items):
-        items(obj)
+        try:
+            items(obj)
+        except Exception as e:
+            raise CalibrationError(f"lowbit_engine.load: the calib callable raised {type(e).__name__}: {e}") from e
         return 1
-    for item in items:
-        if isinstance(item, dict):
-            transformer(**item)
-        else:  # a prompt: a few denoising steps of the pipeline itself, latents out (no VAE decode)
-            obj(**{"prompt": item, "num_inference_steps": calib_steps, "output_type": "latent", **calib_kwargs})
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, dict):
+                transformer(**item)
+            else:  # a prompt: a few denoising steps of the pipeline itself, latents out (no VAE decode)
+                obj(**{"prompt": item, "num_inference_steps": calib_steps, "output_type": "latent",
+                       **calib_kwargs})
+        except Exception as e:
+            what = "dict of transformer kwargs" if isinstance(item, dict) else f"prompt {item!r}"
+            raise CalibrationError(f"lowbit_engine.load: calibration input {i} (a {what}) failed: "
+                                   f"{type(e).__name__}: {e}") from e
     return len(items)
 
 
@@ -354,9 +371,7 @@ def collect_activations(obj: Any, transformer: nn.Module, names: Sequence[str], 
 
 def plan_layers(transformer: nn.Module, policy: Policy, skip: Sequence[str] | None = None) -> dict[str, Rule]:
     """Every ``nn.Linear`` of the model and the rule that applies to it (``skip`` regexes win, as kept)."""
-    import re
-
-    skips = [re.compile(s) for s in (skip or [])]
+    skips = compile_skips(skip)
     plan = {}
     for name, mod in transformer.named_modules():
         if not isinstance(mod, nn.Linear) or not name:
@@ -366,6 +381,31 @@ def plan_layers(transformer: nn.Module, policy: Policy, skip: Sequence[str] | No
         else:
             plan[name] = policy.decide(name, mod.in_features)
     return plan
+
+
+def compile_skips(skip: Sequence[str] | None) -> list[re.Pattern[str]]:
+    """The ``skip=`` regexes compiled; a ValueError names a pattern that is not a regex (or not a str).
+
+    Example:
+        >>> compile_skips(["(unclosed"])
+        Traceback (most recent call last):
+        ...
+        ValueError: lowbit_engine.load: skip pattern '(unclosed' is not a valid regex: missing ), unterminated subpattern at position 0
+    """
+    if skip is None:
+        return []
+    if isinstance(skip, str):  # a lone string would be iterated character by character
+        skip = [skip]
+    out = []
+    for pattern in skip:
+        if not isinstance(pattern, str):
+            raise TypeError(f"lowbit_engine.load: skip patterns must be str regexes, got {type(pattern).__name__} "
+                            f"({pattern!r})")
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"lowbit_engine.load: skip pattern {pattern!r} is not a valid regex: {e}") from None
+    return out
 
 
 def _kept_by_reason(plan: dict[str, Rule]) -> dict[str, list[str]]:
@@ -400,7 +440,7 @@ def save(obj: Any, path: str | os.PathLike[str]) -> Path:
         >>> json.loads(sidecar_path(p).read_text())["architecture"]
         'Sequential'
     """
-    transformer = resolve_transformer(obj)
+    transformer = resolve_transformer(obj, "lowbit_engine.save")
     path = ckpt.save(transformer, path)
     mods = ckpt.quantized_modules(transformer)
     configs = [m.config() for m in mods.values() if hasattr(m, "config")]
@@ -429,7 +469,13 @@ def _check_sidecar(path: Path, transformer: nn.Module, fmt: str, rank: int) -> N
     side = sidecar_path(path)
     if not side.exists():
         return  # a plain lowbit_engine.save file: load_checkpoint's own checks still apply
-    record = json.loads(side.read_text())
+    try:
+        record = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{side}: the checkpoint's sidecar is not valid JSON ({e}); restore it from the "
+                              f"save or delete it (the checkpoint's own checks still apply without it)") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{side}: the sidecar must hold a JSON object, got {type(record).__name__}")
     arch = type(transformer).__name__
     if record.get("architecture") != arch:
         raise CheckpointError(f"{path}: saved from a {record.get('architecture')}, the model is a {arch}")
@@ -478,7 +524,6 @@ def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: in
     modules = _checkpoint_modules(path)
     wants_fused = any(n.rpartition(".")[2] in _FUSED_NAMES for n in modules)
     _precheck(path, modules, _planned_shapes(transformer, wants_fused), fmt)
-    snap = _FusionSnapshot(transformer)
     if wants_fused:
         fused, note, removed = fuse_qkv(transformer)
         if not fused:
@@ -486,11 +531,7 @@ def _load_from_checkpoint(transformer: nn.Module, path: Path, fmt: str, rank: in
         report.qkv_fused, report.qkv_note, report.removed = True, note, removed
     else:
         report.qkv_note = "the checkpoint holds separate Q/K/V projections"
-    try:
-        ckpt.load_checkpoint(path, transformer, allow_extra=allow_extra)
-    except CheckpointError:
-        snap.restore()  # the fusion happened before the failed load: undo it, the model is as it was
-        raise
+    ckpt.load_checkpoint(path, transformer, allow_extra=allow_extra)  # a failure undoes the fusion (load's transaction)
     report.source, report.checkpoint = "checkpoint", str(path)
     for name, rec in modules.items():
         report.quantized.setdefault(rec["config"]["format"], []).append(name)
@@ -551,9 +592,16 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
         ``obj`` itself; the :class:`LoadReport` is at ``obj._lowbit_report`` and :func:`last_report`.
 
     Raises:
-        UnknownFormatError: ``fmt`` is not a format name (nothing is modified).
-        TypeError: ``obj`` is neither a pipeline nor an ``nn.Module``.
-        CheckpointError: the checkpoint does not fit the model (which is left as it was).
+        UnknownFormatError: ``fmt`` is not a format name.
+        TypeError: ``obj`` is neither a pipeline nor an ``nn.Module``; an argument of the wrong type.
+        ValueError: a bad argument: a ``skip`` pattern that is not a regex, a negative ``rank``, a
+            ``quant_opts`` key the format's quantizer does not take, ``calib_kwargs`` the pipeline does not
+            take, an empty ``calib``.
+        CalibrationError: a calibration run raised (its error is the ``__cause__``).
+        CheckpointError: the checkpoint is missing or does not fit the model.
+
+        Whatever is raised, the model is left exactly as it was: the arguments are checked first, and the
+        changes (fusion, calibration hooks, layer replacement) are undone on any failure.
 
     Example:
         >>> import torch
@@ -576,16 +624,19 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
     chosen = policy_for(transformer, policy)
     if calib is not None and not callable(calib) and not isinstance(calib, (str, dict)):
         calib = list(calib)  # a generator would be used up by the check below
+    _check_load_args(fmt, rank=rank, skip=skip, checkpoint=checkpoint, calib_steps=calib_steps,
+                     calib_kwargs=calib_kwargs, max_calib_tokens=max_calib_tokens, quant_opts=quant_opts)
     if calib is not None and checkpoint is None:
-        _calib_items(obj, transformer, calib)  # a bad calib fails here, before fusion touches the model
+        _calib_items(obj, transformer, calib, calib_kwargs)  # a bad calib fails here, before anything is touched
     report = LoadReport(type(transformer).__name__, chosen.name, fmt, rank, bytes_before=model_nbytes(transformer))
 
-    if checkpoint is not None:
-        _load_from_checkpoint(transformer, resolved.file, fmt, rank, report, allow_extra=resolved.is_folder)
-    else:
-        _quantize(obj, transformer, chosen, report, rank=rank, calib=calib, skip=skip, calib_steps=calib_steps,
-                  calib_kwargs=calib_kwargs, fuse=fuse_qkv_projections, max_tokens=max_calib_tokens,
-                  quant_opts=quant_opts or {}, progress=progress)
+    with staged(transformer):  # any exception below puts the model back as it was, then propagates
+        if checkpoint is not None:
+            _load_from_checkpoint(transformer, resolved.file, fmt, rank, report, allow_extra=resolved.is_folder)
+        else:
+            _quantize(obj, transformer, chosen, report, rank=rank, calib=calib, skip=skip,
+                      calib_steps=calib_steps, calib_kwargs=calib_kwargs, fuse=fuse_qkv_projections,
+                      max_tokens=max_calib_tokens, quant_opts=quant_opts or {}, progress=progress)
 
     _quantizer_attach(transformer, fmt, rank)  # save_pretrained writes the lowbit folder from here on
     _route_lora(obj, transformer)  # pipe.load_lora_weights & co. go to engine.lora (or raise exactly)
@@ -600,6 +651,34 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
     if progress:
         logger.info("%s", report)
     return obj
+
+
+def _check_load_args(fmt: str, *, rank: Any, skip: Any, checkpoint: Any, calib_steps: Any, calib_kwargs: Any,
+                     max_calib_tokens: Any, quant_opts: Any) -> None:
+    """Every argument of :func:`load` that can be checked without running anything, checked up front."""
+    def count(name: str, value: Any, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"lowbit_engine.load: {name} must be an int >= {low}, got {type(value).__name__} "
+                            f"({value!r})")
+        if value < low:
+            raise ValueError(f"lowbit_engine.load: {name} must be an int >= {low}, got {value}")
+
+    count("rank", rank, 0)
+    count("calib_steps", calib_steps, 1)
+    count("max_calib_tokens", max_calib_tokens, 1)
+    compile_skips(skip)
+    if calib_kwargs is not None and not isinstance(calib_kwargs, dict):
+        raise TypeError(f"lowbit_engine.load: calib_kwargs must be a dict or None, got {type(calib_kwargs).__name__}")
+    if quant_opts is not None:
+        if checkpoint is not None and quant_opts:
+            raise ValueError("lowbit_engine.load: quant_opts has no effect with checkpoint= (the checkpoint "
+                             "holds the quantized layers); drop one of them")
+        check_options(fmt, quant_opts, who="lowbit_engine.load: quant_opts")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"lowbit_engine.load: checkpoint must be a path, got {type(checkpoint).__name__}")
+        if not Path(checkpoint).is_file():
+            raise CheckpointError(f"{checkpoint}: no such checkpoint file")
 
 
 def _quantize(obj: Any, transformer: nn.Module, policy: Policy, report: LoadReport, *, rank: int, calib: Any,

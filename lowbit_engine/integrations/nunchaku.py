@@ -62,7 +62,8 @@ from ..errors import CheckpointError
 from ..formats import int4, w4_layouts
 from ..nn.svdq_linear import SVDQLinear, has_int4_tensor_cores
 from . import nunchaku_packing as P
-from .diffusers import _FusionSnapshot, _set_submodule, fuse_qkv, model_nbytes, resolve_transformer
+from .diffusers import _set_submodule, fuse_qkv, model_nbytes, resolve_transformer
+from .staging import Transaction
 
 DOUBLE = "transformer_blocks"
 SINGLE = "single_transformer_blocks"
@@ -451,11 +452,11 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
     built = _build_all(f, transformer, layout, device, fc2_input_shift, report)
 
     # 2. the model changes: fusion (undoable), the swaps, the copies
-    snap = _FusionSnapshot(transformer)
+    snap = Transaction(transformer)
     if any("to_q" in m._modules for m in transformer.modules()):
         fused, report.qkv_note, _removed = fuse_qkv(transformer)
         if not fused:
-            snap.restore()
+            snap.rollback()
             raise CheckpointError(f"{path}: Nunchaku's qkv_proj layers need fused Q/K/V, but this model cannot "
                                   f"fuse: {report.qkv_note}")
     else:
@@ -467,6 +468,7 @@ def load_nunchaku(obj: Any, path: str | os.PathLike[str], *, weight_layout: str 
     for want, t, name in checked:
         want.copy_(t)  # shape checked above; casts to the model's dtype
         report.copied.append(name)
+    snap.commit()
     report.act_mode = next(iter(built.values())).act_mode if built else report.act_mode
     report.bytes_after = model_nbytes(transformer)
     report.seconds = time.perf_counter() - start

@@ -111,11 +111,11 @@ class LoRASkippedKeysWarning(UserWarning):
 # ---- checks -------------------------------------------------------------------------------------
 
 
-def _strength(s: float) -> float:
-    s = float(s)
-    if not math.isfinite(s):
-        raise LoRAError(f"strength must be a finite number, got {s}")
-    return s
+def _strength(s: Any) -> float:
+    # float("strong") would say only "could not convert string to float"; float(None) a bare TypeError.
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
+        raise LoRAError(f"strength must be a finite number (e.g. 0.8), got {s!r}")
+    return float(s)
 
 
 def _loaded(st: LoRAState, name: str) -> Adapter:
@@ -167,7 +167,7 @@ def load(obj: Any, source: Source, name: str, strength: float = 1.0, *, max_rank
     Example:
         >>> engine.lora.load(pipe, "style.safetensors", "style", strength=0.8, max_rank=128)  # doctest: +SKIP
     """
-    transformer = resolve_transformer(obj)
+    transformer = resolve_transformer(obj, "lowbit_engine.lora.load")
     st = state_of(transformer)
     if not isinstance(name, str) or not name:
         raise LoRAError(f"an adapter name must be a non-empty string, got {name!r}")
@@ -195,7 +195,7 @@ def set_strength(obj: Any, name: str, strength: float) -> None:
     Example:
         >>> engine.lora.set_strength(pipe, "style", 0.5)  # doctest: +SKIP
     """
-    st = state_of(resolve_transformer(obj))
+    st = state_of(resolve_transformer(obj, "lowbit_engine.lora.set_strength"))
     adapter = _loaded(st, name)
     adapter.strength = _strength(strength)
     apply.write(st, adapter, up_only=True)
@@ -213,7 +213,7 @@ def swap(obj: Any, name: str, source: Source, strength: float | None = None, *,
     Example:
         >>> engine.lora.swap(pipe, "style", "watercolor.safetensors")  # doctest: +SKIP
     """
-    transformer = resolve_transformer(obj)
+    transformer = resolve_transformer(obj, "lowbit_engine.lora.swap")
     st = state_of(transformer)
     old = _loaded(st, name)
     strength = old.strength if strength is None else _strength(strength)
@@ -232,7 +232,7 @@ def unload(obj: Any, name: str) -> None:
     Example:
         >>> engine.lora.unload(pipe, "style")  # doctest: +SKIP
     """
-    st = state_of(resolve_transformer(obj))
+    st = state_of(resolve_transformer(obj, "lowbit_engine.lora.unload"))
     adapter = _loaded(st, name)
     apply.clear(st, adapter)
     del st.adapters[name]
@@ -245,18 +245,19 @@ def loaded(obj: Any) -> dict[str, float]:
         >>> engine.lora.loaded(pipe)  # doctest: +SKIP
         {'style': 0.8}
     """
-    return {n: a.strength for n, a in state_of(resolve_transformer(obj)).adapters.items()}
+    st = state_of(resolve_transformer(obj, "lowbit_engine.lora.loaded"))
+    return {n: a.strength for n, a in st.adapters.items()}
 
 
 def capacity(obj: Any) -> int | None:
     """LoRA slots per layer (None before the first load)."""
-    return state_of(resolve_transformer(obj)).capacity
+    return state_of(resolve_transformer(obj, "lowbit_engine.lora.capacity")).capacity
 
 
 def release(obj: Any) -> None:
     """Unload every adapter and free the capacity: the layers get back their original buffers (and the
     bf16 layers lose their hook). A compiled model recompiles afterwards; the next load allocates again."""
-    st = state_of(resolve_transformer(obj))
+    st = state_of(resolve_transformer(obj, "lowbit_engine.lora.release"))
     for name in list(st.adapters):
         unload(obj, name)
     apply.release_capacity(st)
@@ -264,7 +265,7 @@ def release(obj: Any) -> None:
 
 def clear_cache(obj: Any) -> None:
     """Forget the cached adapters that are not loaded (their device copies are freed)."""
-    st = state_of(resolve_transformer(obj))
+    st = state_of(resolve_transformer(obj, "lowbit_engine.lora.clear_cache"))
     in_use = {a.source for a in st.adapters.values()}
     for key in [k for k in st.cache if k not in in_use]:
         del st.cache[key]

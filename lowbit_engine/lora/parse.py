@@ -94,7 +94,16 @@ def read_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str
     except Exception as e:  # safetensors raises its own error types; one answer for all of them
         raise LoRAError(f"LoRA file {str(p)!r} cannot be read as safetensors: {type(e).__name__}: {e}") from e
     cfg_path = p.parent / "adapter_config.json"
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else _header_config(p)
+    config = None
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LoRAError(f"LoRA config {str(cfg_path)!r} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise LoRAError(f"LoRA config {str(cfg_path)!r} must hold a JSON object, got {type(config).__name__}")
+    else:
+        config = _header_config(p)
     return tensors, config
 
 
@@ -216,9 +225,16 @@ def _config_alpha(config: dict[str, Any], module: str) -> float | None:
     """PEFT's alpha for ``module``: an ``alpha_pattern`` entry matching the name's end, else ``lora_alpha``."""
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.fullmatch(rf"(?:.*\.)?{pattern}", module):
-            return float(alpha)
+            return _config_number(f"alpha_pattern[{pattern!r}]", alpha)
     alpha = config.get("lora_alpha")
-    return None if alpha is None else float(alpha)
+    return None if alpha is None else _config_number("lora_alpha", alpha)
+
+
+def _config_number(key: str, value: Any) -> float:
+    # float("big") would say only "could not convert string to float", without naming the key.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise LoRAError(f"LoRA config: {key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _parse_kohya(sd: Mapping[str, Tensor]) -> list[Factor]:

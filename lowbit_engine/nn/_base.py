@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import NonFiniteError
+
 # The float dtypes the ops take for a module's compute parts (bias, low-rank factors): a cast to one of
 # these moves them; any other target (fp32, fp8, ...) leaves them as they are.
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
@@ -61,6 +63,36 @@ class QuantizedLinearBase(nn.Module):
         if new_dtype is not None:
             self.dtype = new_dtype
         return self
+
+    # Buffers that divide or scale: they must be finite and > 0 (subclasses name theirs).
+    _POSITIVE_BUFFERS: tuple[str, ...] = ()
+
+    @torch.no_grad()
+    def check_buffers(self) -> None:
+        """ValueError unless the buffers hold a valid layer of this format; checkpoints run it after loading.
+
+        Here: every float buffer (fp8 included) is finite, and the scale buffers of ``_POSITIVE_BUFFERS`` are
+        > 0. Subclasses add their format's own rules (index ranges, layout ranges) and call this.
+
+        Example:
+            >>> from lowbit_engine.nn import FP8Linear
+            >>> m = FP8Linear(64, 8)
+            >>> m.weight_scale[3] = float("nan")
+            >>> m.check_buffers()
+            Traceback (most recent call last):
+            ...
+            lowbit_engine.errors.NonFiniteError: FP8Linear: buffer 'weight_scale' has 1 non-finite value(s)
+        """
+        cls = type(self).__name__
+        for name, b in self.named_buffers(recurse=False):
+            if b is None or not b.is_floating_point() or b.numel() == 0:
+                continue
+            bad = int((~torch.isfinite(b.float())).sum())
+            if bad:
+                raise NonFiniteError(f"{cls}: buffer {name!r} has {bad} non-finite value(s)")
+            if name in self._POSITIVE_BUFFERS and not bool((b.float() > 0).all()):
+                raise ValueError(f"{cls}: buffer {name!r} must be > 0 everywhere (a scale), got min "
+                                 f"{float(b.float().min())}")
 
     @property
     def nbytes(self) -> int:

@@ -41,6 +41,19 @@ class FP4Linear(QuantizedLinearBase):
         FP4Linear(in_features=3072, out_features=3072, fmt=nvfp4, act=fp8, bias=True, 5.1 MiB (bf16: 18.0 MiB))
     """
 
+    _POSITIVE_BUFFERS = ("tensor_scale",)
+
+    @torch.no_grad()
+    def check_buffers(self) -> None:
+        """ValueError unless the buffers are a valid layer: finite floats (the base check; for nvfp4 that
+        includes the e4m3 block scales), block scales >= 0, and for mxfp4 no E8M0 NaN code (255)."""
+        super().check_buffers()
+        if self.fmt == "mxfp4":
+            if bool((self.block_scales == 255).any()):
+                raise ValueError("FP4Linear: mxfp4 block_scales hold the E8M0 NaN code 255")
+        elif bool((self.block_scales.float() < 0).any()):
+            raise ValueError("FP4Linear: nvfp4 block_scales must be >= 0")
+
     FORMAT_VERSION = 1
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "nvfp4", act: str = "fp8",

@@ -43,6 +43,8 @@ class FP8Linear(QuantizedLinearBase):
         FP8Linear(in_features=3072, out_features=3072, fmt=fp8, rank=0, bias=True, 9.0 MiB (bf16: 18.0 MiB))
     """
 
+    _POSITIVE_BUFFERS = ("weight_scale",)
+
     FORMAT_VERSION = 1
 
     def __init__(self, in_features: int, out_features: int, rank: int = 0, bias: bool = True,

@@ -133,6 +133,8 @@ class SVDQLinear(QuantizedLinearBase):
         'i8q'
     """
 
+    _POSITIVE_BUFFERS = ("smooth",)  # the quantizer divides x by it
+
     FORMAT_VERSION = 2  # 2: the weight layout is in the config (a version-1 config is a g64 layer)
 
     def __init__(self, in_features: int, out_features: int, rank: int = 32, fmt: str = "svdq-int4",
@@ -278,7 +280,9 @@ class SVDQLinear(QuantizedLinearBase):
 
     def check_buffers(self) -> None:
         """ValueError unless the weight buffers hold a valid weight of the layout (checkpoints call this
-        after loading: e.g. an i8q group outside the int8 range would make the kernels disagree)."""
+        after loading: e.g. an i8q group outside the int8 range would make the kernels disagree), or if a
+        float buffer is non-finite or a smoothing factor is not > 0 (x / 0 would give Inf scales)."""
+        super().check_buffers()
         w4_layouts.check(self.weight_layout, self.weight_buffers())
 
     @torch.no_grad()

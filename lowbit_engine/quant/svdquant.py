@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..errors import NonFiniteError
 from ..formats import int4, w4_layouts
 
 GROUP = int4.GROUP_SIZE
@@ -388,7 +389,7 @@ def _check_weight(weight: Tensor, rank: int) -> Tensor:
         raise ValueError(f"svdquant: rank must be in [0, min(N, K) = {min(N, K)}], got {rank}")
     w = weight.detach().float()
     if not torch.isfinite(w).all():
-        raise ValueError("svdquant: weight has non-finite values")
+        raise NonFiniteError("svdquant: weight has non-finite values")
     return w
 
 
@@ -400,7 +401,7 @@ def _check_calib(calib: Tensor, K: int, device: torch.device, dtype: torch.dtype
     if x.shape[0] == 0:
         raise ValueError("svdquant: calib has no tokens")
     if not torch.isfinite(x).all():  # checked after the cast: fp16 overflows at 65504
-        raise ValueError(f"svdquant: calib has non-finite values (in {dtype})")
+        raise NonFiniteError(f"svdquant: calib has non-finite values (in {dtype})")
     return x
 
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..formats import vq as vqf
+from .checks import check_calib, check_weight
 
 
 @dataclass
@@ -160,6 +161,10 @@ def vq_quantize(
         >>> r.stats["kept"]
         'kmeans'
     """
+    # The same checks (and words) as svdquant: a NaN weight would land in the codebook, a bad calib in Y.
+    check_weight("vq_quantize", w)
+    if calib is not None:
+        check_calib("vq_quantize", calib, w.shape[1])
     if fmt not in vqf.FORMATS:
         raise ValueError(f"vq_quantize: unknown format {fmt!r}; expected one of {list(vqf.FORMATS)}")
     spec = vqf.FORMATS[fmt]
