@@ -110,7 +110,8 @@ def quantize_act_static(x: Tensor, scale: float, smooth: Tensor | None = None, l
         >>> q.dtype, s.shape, la.shape
         (torch.int8, torch.Size([4]), torch.Size([4, 0]))
     """
-    return torch.ops.lowbit.quantize_act_static(x, float(scale), smooth, lora_down, mode)
+    scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else scale
+    return V.call("quantize_act_static", x, scale, smooth, lora_down, mode)
 
 
 def _static_torch(x, scale, smooth, lora_down, mode):
@@ -183,8 +184,10 @@ def gemm_w4a8_exit(fmt: str, act: Tensor, act_scales: Tensor, w: Tensor, s1: Ten
     ``activation`` and is returned as the next linear's input ``(q, scales, lora_act)``, quantized with the
     static ``next_scale``, smoothed by ``next_smooth`` and with ``lora_act = act(h) @ next_lora_down^T``.
     Equal to ``quantize_act_static(exit_activation(gemm(...)), ...)``. See the module example."""
-    return torch.ops.lowbit.gemm_w4a8_exit(fmt, act, act_scales, w, s1, s2, row, lora_act, lora_up, bias, h_dtype,
-                                           activation, float(next_scale), next_smooth, next_lora_down, next_mode)
+    if isinstance(next_scale, (int, float)) and not isinstance(next_scale, bool):
+        next_scale = float(next_scale)
+    return V.call("gemm_w4a8_exit", fmt, act, act_scales, w, s1, s2, row, lora_act, lora_up, bias, h_dtype,
+                  activation, next_scale, next_smooth, next_lora_down, next_mode)
 
 
 def _producer_torch(fmt, act, act_scales, w, s1, s2, row, lora_act, lora_up, bias, h_dtype):

@@ -24,7 +24,7 @@ from torch import nn
 
 import lowbit_engine
 from lowbit_engine import checkpoint as ckpt
-from lowbit_engine import lora, ops, ops_float, ops_fused, ops_w4a8
+from lowbit_engine import lora, ops, ops_exit, ops_float, ops_fused, ops_w4a8
 from lowbit_engine.errors import CalibrationError, CheckpointError, NonFiniteError, OpInputError
 from lowbit_engine.formats import f8l, i8q, int4
 from lowbit_engine.lora import LoRAError
@@ -383,6 +383,13 @@ def _valid_op_args() -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
                                                   w_inv=fp4.w_inv, w_scale_fp8=fp4.w_scale_fp8,
                                                   w_scale_bf16=fp4.w_scale_bf16, bias=bias, fmt="nvfp4", act="fp8",
                                                   out_dtype=BF16)),
+        "quantize_act_static": (ops_exit.quantize_act_static, dict(x=x, scale=0.02, smooth=smooth, lora_down=down,
+                                                                   mode="fp8")),
+        "gemm_w4a8_exit": (ops_exit.gemm_w4a8_exit, dict(
+            fmt="f8l", act=qf8, act_scales=sf8, w=f8l.pack(codes), s1=gs, s2=None, row=row, lora_act=la,
+            lora_up=up, bias=bias, h_dtype=BF16, activation="gelu_tanh", next_scale=0.02,
+            next_smooth=torch.rand(8, generator=g) + 0.5, next_lora_down=torch.randn(4, 8, generator=g).to(BF16),
+            next_mode="int8")),
         "norm_modulate_quantize": (ops_fused.norm_modulate_quantize,
                                    dict(x=torch.randn(4, 128, generator=g).to(BF16), shift=_r(g, 2, 128),
                                         scale=_r(g, 2, 128), eps=1e-6, smooth=smooth, lora_down=down, mode="int8",
