@@ -208,7 +208,7 @@ LOAD_FAULTS: dict[str, tuple[Callable[[str, nn.Module], dict[str, Any]], type[Ex
     "NaN weight in the last layer": (lambda a, m: {k: v for k, v in _nan_in_last_layer(m).items() if k != "_note"},
                                      NonFiniteError, r"weight has non-finite values \(1 of"),
     "missing checkpoint": (lambda a, m: dict(checkpoint="/nonexistent/x.safetensors"), CheckpointError,
-                           r"no such checkpoint file"),
+                           r"no such file or folder"),
     "empty calib": (lambda a, m: dict(calib=[]), ValueError, r"calib is empty"),
     "skip not a str": (lambda a, m: dict(skip=[3]), TypeError, r"skip patterns must be str regexes, got int"),
     "calib_steps 0": (lambda a, m: dict(calib_steps=0), ValueError, r"calib_steps must be an int >= 1, got 0"),

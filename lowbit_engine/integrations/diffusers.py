@@ -677,8 +677,8 @@ def _check_load_args(fmt: str, *, rank: Any, skip: Any, checkpoint: Any, calib_s
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"lowbit_engine.load: checkpoint must be a path, got {type(checkpoint).__name__}")
-        if not Path(checkpoint).is_file():
-            raise CheckpointError(f"{checkpoint}: no such checkpoint file")
+        if not Path(checkpoint).exists():  # a file, or a lowbit (pipeline) folder
+            raise CheckpointError(f"{checkpoint}: no such file or folder (lowbit-engine reads local paths only)")
 
 
 def _quantize(obj: Any, transformer: nn.Module, policy: Policy, report: LoadReport, *, rank: int, calib: Any,
