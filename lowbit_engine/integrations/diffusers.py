@@ -526,7 +526,7 @@ def load(obj: Any, fmt: str = "svdq-int4", *, rank: int = 32, calib: Any = None,
         >>> load(model, "int3")
         Traceback (most recent call last):
         ...
-        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3, w4a16
     """
     global _LAST_REPORT
     start = time.perf_counter()
