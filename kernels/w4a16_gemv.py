@@ -10,7 +10,9 @@ them at full bandwidth. Design:
   partial sums go to a workspace ``[splits, M, N]`` that :func:`_finish_kernel` adds in split order
   (deterministic), then the bias, then the rounding to the output dtype.
 * Per group of 64 the codes are decoded in registers to ``q - z`` (an integer in [-15, 15], exact in
-  bf16 and fp16) and multiplied with the 16-bit tokens on the tensor cores (``tl.dot``, fp32 accumulate,
+  bf16 and fp16; built from the bit pattern ``MAGIC | q`` = the float ``OFFSET + q`` minus ``OFFSET + z``,
+  which spares the quarter-rate int -> float conversion: 1 I2F per weight bounded the kernel at about half
+  of HBM speed in the SASS census) and multiplied with the 16-bit tokens on the tensor cores (``tl.dot``, fp32 accumulate,
   every product exact); the group's bf16 step multiplies the group's partial sum once (the "promotion":
   one FMA per output and group, negligible at M <= 16). ``BLOCK_K // 64`` groups are unrolled per loop
   step so each step issues enough loads.
@@ -35,20 +37,24 @@ import triton.language as tl
 from torch import Tensor
 
 GROUP = 64
+_GROUP = tl.constexpr(GROUP)  # what the kernels read (a plain global is not visible inside @triton.jit)
 H100_SMS = 132
+# bf16 0x4300 is 128.0 with a mantissa ulp of 1 (fp16: 0x6400 = 1024.0): MAGIC | q is the float OFFSET + q
+MAGIC = {torch.bfloat16: {"MAGIC": 0x4300, "OFFSET": 128}, torch.float16: {"MAGIC": 0x6400, "OFFSET": 1024}}
 MAX_M = 64  # above: the dispatcher still calls this kernel (M tiles), but it is not built for it
 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, M, N, K, K_PER_SPLIT,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-                  EMULATE_16BIT_DOT: tl.constexpr):
+                  EMULATE_16BIT_DOT: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr):
     """Partial sums ``ws[split, m, n] = sum over the split's K of x[m, k] * w[n, k]`` for one tile.
     ``EMULATE_16BIT_DOT``: the interpreter's bf16 casts and bf16 ``tl.dot`` return garbage, so there both
     operands go to fp32 (exact: they are 16-bit values) and the dot runs in IEEE fp32; the products are the
-    same exact numbers the tensor cores form."""
-    GB: tl.constexpr = GROUP // 2          # bytes (and even / odd columns) per group
-    G: tl.constexpr = BLOCK_K // GROUP     # groups per loop step
+    same exact numbers the tensor cores form. ``MAGIC`` / ``OFFSET``: the 16-bit pattern of the float
+    ``OFFSET`` whose last mantissa bits are 1 apart (bf16: 0x4300 = 128.0; fp16: 0x6400 = 1024.0)."""
+    GB: tl.constexpr = _GROUP // 2          # bytes (and even / odd columns) per group
+    G: tl.constexpr = BLOCK_K // _GROUP     # groups per loop step
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -57,17 +63,17 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, M, N, K, K_PER_SPLIT,
     mask_m = offs_m < M
     mask_n = rows < N
     rows64 = rows.to(tl.int64)
-    KG = K // GROUP
+    KG = K // _GROUP
     k_begin = pid_s * K_PER_SPLIT
     k_end = k_begin + K_PER_SPLIT          # the host makes K_PER_SPLIT a multiple of BLOCK_K
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
     offs_b = tl.arange(0, GB)
-    offs_x = tl.arange(0, GROUP)
+    offs_x = tl.arange(0, _GROUP)
     for k0 in range(k_begin, k_end, BLOCK_K):
         for j in tl.static_range(G):
-            kg = k0 + j * GROUP
-            g = kg // GROUP
+            kg = k0 + j * _GROUP
+            g = kg // _GROUP
             x = tl.load(x_rows + (kg + offs_x)[None, :], mask=mask_m[:, None], other=0.0)   # [BLOCK_M, 64]
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, GB, 2)))
             bptrs = w_ptr + rows64[:, None] * (K // 2) + (kg // 2 + offs_b)[None, :]
@@ -79,16 +85,21 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, ws_ptr, M, N, K, K_PER_SPLIT,
                 byte = tl.load(bptrs, mask=mask_n[:, None], other=0).to(tl.int32)
                 z = tl.load(z_ptr + rows64 * KG + g, mask=mask_n, other=0).to(tl.int32)
                 s = tl.load(s_ptr + rows64 * KG + g, mask=mask_n, other=0.0).to(tl.float32)
-            lo = (byte & 15) - z[:, None]     # the even k: q - z in [-15, 15], exact in 16 bits
-            hi = (byte >> 4) - z[:, None]     # the odd k
+            # q - z without an int -> float conversion (I2F runs at a quarter of the ALU rate and would bound
+            # the kernel below the memory speed): the 16-bit pattern MAGIC | q is the float OFFSET + q, and
+            # (OFFSET + q) - (OFFSET + z) is exact in 16 bits (an integer in [-15, 15]).
+            lo16 = ((byte & 15) | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)   # the even k
+            hi16 = ((byte >> 4) | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)   # the odd k
             if EMULATE_16BIT_DOT:
+                zf = (z + OFFSET).to(tl.float32)[:, None]
                 xe = tl.trans(x_even.to(tl.float32))
                 xo = tl.trans(x_odd.to(tl.float32))
-                part = tl.dot(lo.to(tl.float32), xe, input_precision="ieee")
-                part = tl.dot(hi.to(tl.float32), xo, part, input_precision="ieee")
+                part = tl.dot(lo16.to(tl.float32) - zf, xe, input_precision="ieee")
+                part = tl.dot(hi16.to(tl.float32) - zf, xo, part, input_precision="ieee")
             else:
-                part = tl.dot(lo.to(x.dtype), tl.trans(x_even))
-                part = tl.dot(hi.to(x.dtype), tl.trans(x_odd), part)
+                zb = (z + OFFSET).to(tl.float32).to(x.dtype)[:, None]
+                part = tl.dot(lo16 - zb, tl.trans(x_even))
+                part = tl.dot(hi16 - zb, tl.trans(x_odd), part)
             acc += part * s[:, None]
     ptrs = ws_ptr + (pid_s.to(tl.int64) * M + offs_m[None, :]) * N + rows[:, None]
     tl.store(ptrs, acc, mask=mask_m[None, :] & mask_n[:, None])
@@ -178,7 +189,7 @@ def w4a16_triton(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tens
     with guard:
         _w4a16_kernel[(n_tiles, splits, m_tiles)](
             x, w, scales, zeros, ws, M, N, K, K // splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            EVEN_N=N % bn == 0, EMULATE_16BIT_DOT=interpreted(), num_warps=c["num_warps"], num_stages=c["num_stages"])
+            EVEN_N=N % bn == 0, EMULATE_16BIT_DOT=interpreted(), **MAGIC[x.dtype], num_warps=c["num_warps"], num_stages=c["num_stages"])
         fin = 256 if interpreted() else 1024
         _finish_kernel[(triton.cdiv(M * N, fin),)](
             ws, bias if bias is not None else ws, out, M, N, splits, HAS_BIAS=bias is not None, BLOCK=fin,

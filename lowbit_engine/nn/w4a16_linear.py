@@ -127,7 +127,8 @@ class W4A16Linear(QuantizedLinearBase):
 
     def check_buffers(self) -> None:
         """ValueError unless the buffers hold a valid w4a16 weight (zero points <= 15, finite positive
-        steps); checkpoints call this after loading."""
+        steps). Call it after loading a checkpoint from an untrusted source (``load_checkpoint`` checks
+        shapes, dtypes and checksums, not the values)."""
         w4a16.check(self.qweight, self.scales, self.zeros)
 
     def dequantize(self) -> Tensor:
