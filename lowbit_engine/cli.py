@@ -1,9 +1,10 @@
-"""The ``lowbit-engine`` command: ``info``, ``demo`` and ``bench kernels``.
+"""The ``lowbit-engine`` command: ``info``, ``demo``, ``bench kernels`` and ``plan`` (lowbit_engine/plan.py).
 
 Example:
     $ lowbit-engine info
     $ lowbit-engine demo
     $ lowbit-engine bench kernels --out bench/results/kernels.json
+    $ lowbit-engine plan --model flux-dev --fmt svdq-w4a8
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="write the JSON report here")
     bench.add_argument("--verbose", action="store_true")
     bench.set_defaults(func=_bench)
+    from . import plan  # the plan subcommand lives with its code
+
+    plan.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
