@@ -24,5 +24,5 @@ timeout 300 python3 bench/w4a16_gemv.py --out "$OUT/w4a16-gemv.json" 2>&1 | tee 
 
 if [ -f bench/quant_time.py ]; then
   log "quantization time of one FLUX.1-dev double / single block on the GPU"
-  timeout 300 python3 bench/quant_time.py --device cuda --out "$OUT/quant-time-gpu.json" 2>&1 | tee "$OUT/quant_time.log"
+  timeout 300 python3 bench/quant_time.py --device cuda --vq3 --out "$OUT/quant-time-gpu.json" 2>&1 | tee "$OUT/quant_time.log"
 fi
