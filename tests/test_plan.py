@@ -69,3 +69,20 @@ def test_cli_plan_json(capsys):
 def test_unknown_model_is_a_value_error():
     with pytest.raises(ValueError, match="unknown model"):
         plan("flux-pro")
+
+
+def test_skip_mapping_names_its_reason_and_adaln_is_w4a16():
+    from lowbit_engine.nn import W4A16Linear
+
+    model = _tiny_flux()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit_engine.load(model, "svdq-w4a8", rank=16, progress=False,
+                           skip={r"norm_out\.linear": "A/B test of the final modulation"})
+    report = lowbit_engine.last_report()
+    assert report.kept["skip= given by the caller: A/B test of the final modulation"] == ["norm_out.linear"]
+    assert type(model.norm_out.linear) is torch.nn.Linear
+    assert isinstance(model.transformer_blocks[0].norm1.linear, W4A16Linear)
+    assert isinstance(model.single_transformer_blocks[0].norm.linear, W4A16Linear)
+    assert type(model.proj_out) is torch.nn.Linear  # final projection stays bf16 (docs/fidelity.md)
+    assert report.quantize_seconds > 0 and "quantizing took" in str(report)
