@@ -14,12 +14,16 @@ the exact (fp64) output of the bf16 layer on the evaluation tokens, for
   scale per 64) with fp8 and with int8 tokens, against the promotion-free F8L (fp8 tokens) and I8Q (int8
   tokens), each quantized from the float residual, and a g64 layer converted to F8L / I8Q after the fact
   (what loading an old checkpoint onto Hopper does). tests/test_fidelity_layouts.py gates these rows.
+- the weight-only candidates for the adaLN linears (``--w4a16``; :func:`evaluate_w4a16`): the w4a16 format
+  (asymmetric uint4, bf16 step and integer zero per 64, with and without its range search) against F8L's
+  layout used weight-only and symmetric int4 g64, all with bf16 tokens.
 
 The quantized layers run through the ops (the C++ CPU references), i.e. the same math as the kernels.
 
 Usage:
     python bench/fidelity.py [--tokens 256] [--n 3072 12288] [--out bench/results/fidelity-cpu.json]
     python bench/fidelity.py --layouts [--n 3072 12288] [--out bench/results/fidelity-layouts-cpu.json]
+    python bench/fidelity.py --w4a16 [--n 3072 12288] [--out bench/results/fidelity-w4a16-cpu.json]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 import lowbit_engine
 from lowbit_engine import benchmark, ops
-from lowbit_engine.formats import fp8, int4
+from lowbit_engine.formats import f8l, fp8, int4, w4a16
 
 
 def synthetic_layer(K: int, N: int, tokens: int, seed: int = 0):
@@ -134,6 +138,32 @@ def evaluate_layouts(K: int, N: int, tokens: int, seed: int = 0, rank: int = 32,
     return rows
 
 
+def evaluate_w4a16(K: int, N: int, tokens: int, seed: int = 0, verbose: bool = True) -> list[dict]:
+    """Weight-only 4-bit layouts with bf16 tokens: layer-output SQNR and weight SQNR per layout."""
+    linear, _, xe = synthetic_layer(K, N, tokens, seed)
+    w = linear.weight.float()
+    ref = xe.double() @ linear.weight.double().T + linear.bias.double()
+    rows = []
+
+    def add(name: str, w_hat: torch.Tensor, bits: float) -> None:
+        out = xe.float() @ w_hat.T + linear.bias.float()
+        rows.append({"K": K, "N": N, "method": name, "bits_per_weight": bits,
+                     "sqnr_db": round(sqnr_db(ref, out), 2), "weight_sqnr_db": round(sqnr_db(w, w_hat), 2)})
+        if verbose:
+            print(f"K={K} N={N} {name:<36} {rows[-1]['sqnr_db']:7.2f} dB (weight {rows[-1]['weight_sqnr_db']:.2f} dB)",
+                  flush=True)
+
+    for search in (True, False):
+        q, s, z = w4a16.quantize(w, search=search)
+        add(f"w4a16 (uint4, bf16 step, int zero){' search' if search else ''}",
+            w4a16.dequantize(w4a16.pack(q), s, z), 4 + 24 / 64)
+    codes, gs, row = f8l.quantize(w, search=True)
+    add("F8L weight-only (search)", f8l.dequantize(f8l.pack(codes), gs, row), 4 + 8 / 64 + 32 / K)
+    qi, si = int4.quantize(w, scale_dtype=torch.bfloat16)
+    add("int4 g64 symmetric, bf16 scale", int4.dequantize(qi, si), 4 + 16 / 64)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=3072)
@@ -141,12 +171,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--out", default=None)
     parser.add_argument("--layouts", action="store_true", help="the weight-layout rows (evaluate_layouts)")
+    parser.add_argument("--w4a16", action="store_true", help="the weight-only rows (evaluate_w4a16)")
     args = parser.parse_args()
+    kind = "w4a16" if args.w4a16 else "layouts" if args.layouts else None
     if args.out is None:
-        args.out = "bench/results/fidelity-layouts-cpu.json" if args.layouts else "bench/results/fidelity-cpu.json"
+        args.out = f"bench/results/fidelity-{kind}-cpu.json" if kind else "bench/results/fidelity-cpu.json"
     torch.manual_seed(0)  # the Gamma sampler of the heavy tails draws from the global generator
     with torch.no_grad():
-        fn = evaluate_layouts if args.layouts else evaluate
+        fn = {"w4a16": evaluate_w4a16, "layouts": evaluate_layouts, None: evaluate}[kind]
         rows = [row for n in args.n for row in fn(args.k, n, args.tokens)]
     report = {"commit": benchmark._commit(), "device": "cpu", "tokens": args.tokens, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,39 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _checkout_kernel(stem: str):
+    """``kernels/<stem>.py`` of this checkout, imported by path in compiled mode: an installed
+    ``lowbit_engine.kernels`` may point at another tree (an editable install of a different checkout)."""
+    import importlib.util
+    import sys
+
+    name = f"_lowbit_aot_{stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "kernels" / f"{stem}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def w4a16_cases(K: int = 3072, N: int = 18432) -> list[tuple[str, object, tuple, dict]]:
+    """The w4a16 GEMV at M = 1 and 16 on FLUX's adaLN shape, in the configuration a GPU launch uses."""
+    gemv = _checkout_kernel("w4a16_gemv")
+    bf, u8 = torch.bfloat16, torch.uint8
+    out = []
+    for M in (1, 16):
+        c = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+        splits = gemv.split_k_for(N // c["BLOCK_N"], K, c["BLOCK_K"])
+        args = (_t((M, K), bf), _t((N, K // 2), u8), _t((N, K // 64), bf), _t((N, K // 64), u8),
+                _t((splits, M, N)), M, N, K, K // splits)
+        kw = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], EVEN_N=True,
+                  EMULATE_16BIT_DOT=False, **gemv.MAGIC[bf], num_warps=c["num_warps"], num_stages=c["num_stages"])
+        out.append((f"w4a16 gemv M={M} {K}->{N} split{splits}", gemv._w4a16_kernel, args, kw))
+    args = (_t((2, 16, N)), _t((N,), bf), _t((16, N), bf), 16, N, 2)
+    out.append(("w4a16 finish M=16", gemv._finish_kernel, args, dict(HAS_BIAS=True, BLOCK=1024, num_warps=4)))
+    return out
+
+
 def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tuple[str, object, tuple, dict]]:
     from lowbit_engine.kernels import gemm8, quant8, w4_expand
 
@@ -187,7 +220,7 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
         kw = dict(IS_FP8=mode == "fp8", HAS_SMOOTH=True, HAS_LORA=True, STORE_Y=False, EMULATE_16BIT_DOT=False,
                   BLOCK_M=16, BLOCK_K=256, BLOCK_R=32, num_warps=4, num_stages=2)
         out.append((f"ln+modulate+quant8 {mode} r{R}", quant8._ln_mod_quant8_kernel, args, kw))
-    return out
+    return out + w4a16_cases(K)
 
 
 def main() -> None:

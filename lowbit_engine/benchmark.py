@@ -43,6 +43,9 @@ from .formats import int4, w4_layouts
 # FLUX.1 at 1024x1024: 4608 image+text tokens; (K, N) of its linear layers.
 FLUX_KN = [(3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072), (3072, 21504), (15360, 3072)]
 FLUX_M = [4608, 256, 16]
+# FLUX.1's adaLN modulation linears (double block 3072 -> 18432, single block 3072 -> 9216) run on one token
+# per image: the w4a16 GEMV shapes, at batch 1 and 2 (on a GPU run, with every other kernel too).
+GEMV_SHAPES = [(M, 3072, N) for N in (18432, 9216) for M in (1, 2)]
 CPU_SHAPES = [(1, 256, 128), (17, 256, 192), (111, 128, 64)]
 RANK = 32
 L2_BYTES = 50 * 2**20  # H100; rotation makes the working set at least 3x this
@@ -335,7 +338,7 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     cases.append(Case("svdq_w4a8fp8_linear_r32", flops, lin_bytes, lambda i: svdq_linear(i, "fp8"), "gemm_w4a8"))
 
     # Float formats: whole modules (dynamic token quantization included), built once per input set.
-    from .nn import FP4Linear, FP8Linear
+    from .nn import FP4Linear, FP8Linear, W4A16Linear
 
     def float_case(name: str, op: str, w_bytes_per_weight: float, build) -> None:
         mods = []
@@ -353,6 +356,8 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
     float_case("mxfp4_linear_fp8", "fp4_linear", 0.5 + 1 / 32, lambda lin: FP4Linear.from_linear(lin, fmt="mxfp4"))
     float_case("nvfp4_linear_bf16_weight_only", "fp4_linear", 0.5 + 1 / 16,
                lambda lin: FP4Linear.from_linear(lin, fmt="nvfp4", act="bf16"))
+    # weight-only uint4 + bf16 step + uint8 zero per 64: 0.5 + 3/64 bytes per weight
+    float_case("w4a16_linear_weight_only", "w4a16_linear", 0.5 + 3 / 64, lambda lin: W4A16Linear.from_linear(lin))
     return cases
 
 
@@ -412,7 +417,7 @@ def run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     if shapes is None:
-        shapes = [(M, K, N) for M in FLUX_M for (K, N) in FLUX_KN] if on_gpu else CPU_SHAPES
+        shapes = [(M, K, N) for M in FLUX_M for (K, N) in FLUX_KN] + GEMV_SHAPES if on_gpu else CPU_SHAPES
     gen = torch.Generator(device=device).manual_seed(0)
     results: list[Result] = []
     bar = _bar(len(shapes), progress)

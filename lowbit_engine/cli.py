@@ -1,6 +1,6 @@
-"""The ``lowbit-engine`` command: ``info``, ``quantize``, ``demo`` and ``bench kernels``.
+"""The ``lowbit-engine`` command: ``info``, ``quantize``, ``demo``, ``bench kernels`` and ``plan``.
 
-Each subcommand lives in its own module (``cli_quantize``, ``cli_demo``, ``cli_bench``) with a
+Each subcommand lives in its own module (``cli_quantize``, ``cli_demo``, ``cli_bench``, ``plan``) with a
 ``register(subparsers)`` function; :func:`main` registers them one line each, shows the library's log
 (the load report) at INFO, and turns the errors a user makes into one line and exit status 2
 (``--debug`` shows the traceback).
@@ -10,6 +10,7 @@ Example:
     $ lowbit-engine quantize ./my-flux --fmt svdq-int4 --calib prompts.txt --out ./my-flux-int4
     $ lowbit-engine demo --out pictures/
     $ lowbit-engine bench kernels --plot kernels.png
+    $ lowbit-engine plan --model flux-dev --fmt svdq-w4a8
 """
 
 from __future__ import annotations
@@ -68,16 +69,17 @@ def _show_library_log() -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_bench, cli_demo, cli_quantize
+    from . import cli_bench, cli_demo, cli_quantize, plan
 
     parser = _Parser(prog="lowbit-engine", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,quantize,demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,quantize,demo,bench,plan}")
     _register_info(sub)
     cli_quantize.register(sub)
     cli_demo.register(sub)
     cli_bench.register(sub)
+    plan.add_parser(sub)
     for p in sub.choices.values():  # --debug after the subcommand too (SUPPRESS: not reset when absent)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser

@@ -501,3 +501,4 @@ from . import ops_float as _ops_float  # noqa: E402,F401  registers lowbit::fp8_
 from . import ops_w4a8 as _ops_w4a8  # noqa: E402,F401  registers lowbit::gemm_w4a8_f8l / gemm_w4a8_i8q
 from . import ops_fused as _ops_fused  # noqa: E402,F401  registers lowbit::norm_modulate_quantize
 from . import ops_exit as _ops_exit  # noqa: E402,F401  registers lowbit::gemm_w4a8_exit / quantize_act_static
+from . import ops_w4a16 as _ops_w4a16  # noqa: E402,F401  registers lowbit::w4a16_linear

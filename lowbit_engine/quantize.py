@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .errors import UnknownFormatError
 from .formats import FORMATS
-from .nn import FP4Linear, FP8Linear, SVDQLinear, VQLinear
+from .nn import FP4Linear, FP8Linear, SVDQLinear, VQLinear, W4A16Linear
 from .quant.checks import check_calib, check_weight
 from .quant.svdquant import svdquant
 from .quant.vq import vq_quantize
@@ -36,6 +36,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mxfp4": lambda linear, calib, rank, **opts: FP4Linear.from_linear(linear, calib, 0, fmt="mxfp4", **opts),
     "vq2": lambda linear, calib, rank, **opts: VQLinear.from_linear(linear, calib, fmt="vq2", **opts),
     "vq3": lambda linear, calib, rank, **opts: VQLinear.from_linear(linear, calib, fmt="vq3", **opts),
+    # weight-only: no calibration and no low-rank branch (LoRAs go to a side branch)
+    "w4a16": lambda linear, calib, rank, **opts: W4A16Linear.from_linear(linear, None, 0, **opts),
 }
 
 
@@ -105,10 +107,10 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, calib: Tensor | None = None,
     Args:
         linear: the float layer (any float dtype; its device is where the quantization runs).
         fmt: a format name (``lowbit_engine.formats.FORMATS``); buildable now: all of them (svdq-int4, svdq-w4a8, fp8,
-            nvfp4, mxfp4, vq2, vq3).
+            nvfp4, mxfp4, vq2, vq3, w4a16).
         calib: activations at the layer's input, ``[..., K]``. SVDQuant uses them to pick the smoothing;
             without them it quantizes with no smoothing and warns (``NoCalibrationWarning``).
-        rank: rank of the SVDQuant low-rank branch (0 for none); not used by fp8 / nvfp4 / mxfp4 / vq.
+        rank: rank of the SVDQuant low-rank branch (0 for none); not used by fp8 / nvfp4 / mxfp4 / vq / w4a16.
         opts: passed to the format's builder; for SVDQuant: ``act_mode`` ("int8" or "fp8" for
             svdq-w4a8), ``dtype``, ``alphas``, ``smoothing``, ``refine_iters``, ``max_eval_tokens``, ``seed``.
 
@@ -129,7 +131,7 @@ def quantize_linear(linear: nn.Linear, fmt: str, *, calib: Tensor | None = None,
         >>> quantize_linear(lin, "int3")
         Traceback (most recent call last):
         ...
-        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3, w4a16
     """
     _check_buildable(fmt)
     if not isinstance(linear, nn.Linear):

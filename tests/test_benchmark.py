@@ -16,7 +16,8 @@ EXPECTED_KERNELS = {"torch_matmul_bf16", "quantize_act_int4_r32", "quantize_act_
                     # the promotion-free layouts (the expand / gemm8 / CUDA-quantizer rows exist on a GPU only)
                     "gemm_w4a8_f8l_r32", "gemm_w4a8_i8q_r32", "svdq_w4a8_f8l_linear_r32", "svdq_w4a8_i8q_linear_r32",
                     # fc1 as an exit producer (fused) and its unfused chain
-                    "exit_f8l_gelu_r32", "exit_i8q_gelu_r32", "exit_f8l_gelu_r32_unfused", "exit_i8q_gelu_r32_unfused"}
+                    "exit_f8l_gelu_r32", "exit_i8q_gelu_r32", "exit_f8l_gelu_r32_unfused", "exit_i8q_gelu_r32_unfused",
+                    "w4a16_linear_weight_only"}
 FLOAT_KERNELS = {"fp8_linear_dynamic", "nvfp4_linear_fp8", "mxfp4_linear_fp8", "nvfp4_linear_bf16_weight_only"}
 
 

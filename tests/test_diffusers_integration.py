@@ -23,7 +23,7 @@ import lowbit_engine
 from lowbit_engine.errors import CheckpointError, UnknownFormatError
 from lowbit_engine.integrations import diffusers as integ
 from lowbit_engine.integrations.policies import KEEP, QUANTIZE, policy_for
-from lowbit_engine.nn import SVDQLinear
+from lowbit_engine.nn import SVDQLinear, W4A16Linear
 from lowbit_engine.quant.svdquant import NoCalibrationWarning
 
 RANK = 16
@@ -163,19 +163,26 @@ def test_swap_follows_policy_table(quantized, arch):
     ref, model, report, before = quantized[arch]
     policy = policy_for(model)
     assert report.policy == policy.name == arch
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, SVDQLinear))}
-    decisions = {n: policy.decide(n, m.in_features).action for n, m in linears.items()}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, SVDQLinear, W4A16Linear))}
+    rules = {n: policy.decide(n, m.in_features) for n, m in linears.items()}
+    decisions = {n: r.action for n, r in rules.items()}
     assert QUANTIZE in decisions.values() and KEEP in decisions.values()
+    # the adaLN modulation linears are weight-only w4a16 by the policy, whatever the load format
+    assert any(r.fmt == "w4a16" for r in rules.values())
     ref_mods = dict(ref.named_modules())
     for name, action in decisions.items():
         mod = linears[name]
-        if action == QUANTIZE:
+        if action == QUANTIZE and rules[name].fmt == "w4a16":
+            assert isinstance(mod, W4A16Linear), name
+        elif action == QUANTIZE:
             assert isinstance(mod, SVDQLinear), name
             assert mod.calib_error is not None, f"{name} was not calibrated"
         else:  # untouched: the same object, the same weights as the bf16 model
             assert type(mod) is nn.Linear and mod is before[name], name
             assert torch.equal(mod.weight, ref_mods[name].weight), name
-    assert sorted(report.quantized["svdq-int4"]) == sorted(n for n, a in decisions.items() if a == QUANTIZE)
+    assert sorted(report.quantized["svdq-int4"]) == sorted(n for n, r in rules.items()
+                                                           if r.action == QUANTIZE and r.fmt is None)
+    assert sorted(report.quantized["w4a16"]) == sorted(n for n, r in rules.items() if r.fmt == "w4a16")
     assert report.uncalibrated == []
 
 
@@ -205,11 +212,12 @@ def test_report_counts_and_memory(quantized, arch):
 
     assert report.bytes_before == nbytes(ref)
     assert report.bytes_after == nbytes(model) < report.bytes_before
-    assert report.num_quantized == sum(isinstance(m, SVDQLinear) for m in model.modules())
+    assert report.num_quantized == sum(isinstance(m, (SVDQLinear, W4A16Linear)) for m in model.modules())
     assert report.num_kept == sum(type(m) is nn.Linear for m in model.modules())
     assert report.source == "calibrated" and report.calib_runs == 8 and report.seconds > 0
     text = str(report)
-    assert f"quantized svdq-int4: {report.num_quantized} layers" in text and "MiB" in text
+    assert f"quantized svdq-int4: {len(report.quantized['svdq-int4'])} layers" in text and "MiB" in text
+    assert f"quantized w4a16: {len(report.quantized['w4a16'])} layers" in text and "quantizing took" in text
 
 
 def test_generic_fallback_on_sequential():

@@ -75,3 +75,16 @@ def test_direct_kernels_multiply_on_wgmma(name):
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith(("expand", "finish", "quant8", "fp8 rowwise", "ln+"))])
 def test_other_kernels_compile_without_spills(name):
     _compile(name)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("w4a16 gemv")])
+def test_w4a16_gemv_streams_on_wgmma_without_int_to_float(name):
+    rep = _compile(name)
+    assert rep.loop_census.get("HGMMA", 0) >= 2, rep.loop_census
+    assert rep.loop_census.get("LDGSTS", 0) > 0, "the weight loads are not pipelined through cp.async"
+    # the decode builds q - z from bit patterns: an I2F per weight (64 per thread and step) would be back
+    assert rep.loop_census.get("I2F", 0) <= 8, rep.loop_census
+
+
+def test_w4a16_finish_compiles_without_spills():
+    _compile("w4a16 finish M=16")

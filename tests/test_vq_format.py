@@ -144,3 +144,22 @@ def test_quantize_errors():
         vq.quantize(torch.randn(4, 30), 16, 4)
     with pytest.raises(ValueError, match="does not fit 8-bit indices"):
         vq.quantize(torch.randn(4, 32), 300, 4, index_bits=8)
+
+
+def test_quantize_fits_on_a_subset_of_large_layers_and_assigns_every_subvector():
+    # 65536 sub-vectors for 64 centroids: at 64 points per centroid the Lloyd steps see 4096 of them
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(2))
+    sub = vq.quantize(w, 64, 4, iters=8, seed=0)
+    full = vq.quantize(w, 64, 4, iters=8, seed=0, max_points_per_centroid=10**9)
+    err = {n: float((vq.dequantize(c, cb, 512, 512, 8) - w).norm() / w.norm())
+           for n, (c, cb, _) in (("sub", sub), ("full", full))}
+    assert err["sub"] <= 1.03 * err["full"], err      # the subset fit loses (almost) nothing
+    assert len(torch.unique(vq.unpack_indices(sub[0], 128, 8))) == 64   # every centroid in use
+
+
+def test_batched_seeding_gives_k_distinct_centroids():
+    x = torch.randn(5000, 4, generator=torch.Generator().manual_seed(1)).double()
+    c = vq._kmeans_pp(x, 300, torch.Generator().manual_seed(0))
+    assert c.shape == (300, 4) and len(torch.unique(c, dim=0)) == 300
+    # every centroid is a data point (k-means++ draws points, never averages)
+    assert bool((torch.cdist(c, x).amin(dim=1) == 0).all())

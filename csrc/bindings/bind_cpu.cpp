@@ -148,4 +148,14 @@ void register_cpu(py::module_& m) {
                                    ptr<void>(q), ptr<float>(scales), ptr<void>(h_out), ptr<float>(lora_act));
       },
       "an exit linear's activation, then the next linear's 8-bit input with a static scale");
+  m.def(
+      "cpu_gemm_w4a16",
+      [](uintptr_t x, int x_dtype, int64_t M, int64_t K, uintptr_t w, uintptr_t w_scales, uintptr_t w_zeros,
+         int64_t N, uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype) {
+        py::gil_scoped_release release;
+        lowbit::cpu::gemm_w4a16(ptr<const void>(x), DType(x_dtype), M, K, ptr<const uint8_t>(w),
+                                ptr<const uint16_t>(w_scales), ptr<const uint8_t>(w_zeros), N, ptr<const void>(bias),
+                                DType(bias_dtype), ptr<void>(out), DType(out_dtype));
+      },
+      "Weight-only W4A16 GEMM (uint4, bf16 step and integer zero per 64), bias epilogue");
 }

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from . import e2m1, fp8, int4, mxfp4, nvfp4, vq
+from . import e2m1, fp8, int4, mxfp4, nvfp4, vq, w4a16
 
 FORMATS: dict[str, str] = {
     "svdq-int4": "SVDQuant: int4 g64 weights (bf16 scales) and int4 g64 activations, smoothing, low-rank branch",
@@ -23,6 +23,7 @@ FORMATS: dict[str, str] = {
     "mxfp4": "E2M1 weights in groups of 32 with power-of-two (E8M0) block scales",
     "vq2": "vector quantization: 256 centroids of 4 weights per layer (2 bits per weight)",
     "vq3": "vector quantization: 4096 centroids of 4 weights per layer (3 bits per weight)",
+    "w4a16": "weight-only: uint4 weights, bf16 step and integer zero point per 64 along K, 16-bit tokens",
 }
 
 
@@ -33,11 +34,11 @@ def check_format(name: str) -> str:
         >>> check_format("int3")
         Traceback (most recent call last):
         ...
-        ValueError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+        ValueError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3, w4a16
     """
     if name not in FORMATS:
         raise ValueError(f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
     return name
 
 
-__all__ = ["FORMATS", "check_format", "e2m1", "fp8", "int4", "mxfp4", "nvfp4", "vq"]
+__all__ = ["FORMATS", "check_format", "e2m1", "fp8", "int4", "mxfp4", "nvfp4", "vq", "w4a16"]

@@ -57,11 +57,12 @@ from ..errors import CalibrationError, CheckpointError, UnknownFormatError
 from ..formats import FORMATS
 from ..quant.svdquant import NoCalibrationWarning
 from ..quantize import available_formats, check_options, quantize_linear
-from .policies import KEEP, USER_SKIP, Policy, Rule, policy_for
+from .policies import KEEP, USER_SKIP, W4A16, Policy, Rule, policy_for
 from . import folder as _folder
 from .staging import Transaction, staged
 
 MAX_CALIB_TOKENS = 512  # tokens kept per layer: enough for the alpha search, bounded memory
+_POLICY_FORMATS = (W4A16,)  # formats a policy row assigns on its own (weight-only: no calibration, no rank)
 SIDECAR_SUFFIX = ".json"  # "<checkpoint>.json" records the architecture, its config, fmt and rank
 _FUSED_NAMES = ("to_qkv", "to_added_qkv", "to_kv")
 # fused child -> the separate projections it replaces (they are dead weight once the fused one runs)
@@ -91,7 +92,7 @@ class LoadReport:
         uncalibrated: quantized layers that saw no calibration tokens (quantized without smoothing).
         calib_runs: calibration forward calls (or pipeline calls) made.
         bytes_before, bytes_after: parameter + buffer bytes of the transformer before and after.
-        seconds: wall time of the whole call.
+        seconds: wall time of the whole call; ``quantize_seconds``: of the layer loop alone.
     """
 
     architecture: str
@@ -110,6 +111,7 @@ class LoadReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    quantize_seconds: float = 0.0
 
     @property
     def num_quantized(self) -> int:
@@ -128,6 +130,8 @@ class LoadReport:
         lines = [f"lowbit-engine: {self.architecture} (policy {self.policy}), {self.fmt} rank {self.rank}, {src}"]
         for fmt, names in self.quantized.items():
             lines.append(f"  quantized {fmt}: {len(names)} layers")
+        if self.quantize_seconds:
+            lines.append(f"  quantizing took {self.quantize_seconds:.1f} s")
         for reason, names in self.kept.items():
             shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
             lines.append(f"  kept {len(names)}: {reason} [{shown}]")
@@ -190,14 +194,29 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def _progress(items: Sequence[Any], enabled: bool, desc: str) -> Iterable[Any]:
+def _timed(items: Sequence[Any], enabled: bool, desc: str, report: LoadReport) -> Iterable[Any]:
+    """``items`` through one progress bar (tqdm: count, rate, ETA) that stays on screen, and the loop's wall
+    time into ``report.quantize_seconds`` (the report prints it)."""
+    start = time.perf_counter()
+    bar = None
     if enabled:
         try:
             from tqdm.auto import tqdm
-        except ImportError:  # tqdm comes with diffusers; without it, no bar
-            return items
-        return tqdm(items, desc=desc, leave=False)
-    return items
+        except ImportError:  # tqdm comes with diffusers; without it, no bar (the time is still reported)
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=len(items), desc=desc, unit="layer")
+    try:
+        for item in items:
+            if bar is not None:
+                bar.set_postfix_str(str(item)[-40:], refresh=False)
+            yield item
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        report.quantize_seconds = time.perf_counter() - start
 
 
 def _config_dict(transformer: nn.Module) -> dict[str, Any]:
@@ -369,21 +388,24 @@ def collect_activations(obj: Any, transformer: nn.Module, names: Sequence[str], 
 # ---- the plan -----------------------------------------------------------------------------------
 
 
-def plan_layers(transformer: nn.Module, policy: Policy, skip: Sequence[str] | None = None) -> dict[str, Rule]:
-    """Every ``nn.Linear`` of the model and the rule that applies to it (``skip`` regexes win, as kept)."""
-    skips = compile_skips(skip)
+def plan_layers(transformer: nn.Module, policy: Policy,
+                skip: Sequence[str] | dict[str, str] | None = None) -> dict[str, Rule]:
+    """Every ``nn.Linear`` of the model and the rule that applies to it. ``skip`` regexes win and keep the
+    layer: a list (reason "skip= given by the caller") or ``{regex: reason}`` (the caller's reason)."""
+    whys = list(skip.values()) if isinstance(skip, dict) else None
+    patterns = compile_skips(list(skip) if isinstance(skip, dict) else skip)
+    skips = [(rx, USER_SKIP if whys is None or whys[i] == USER_SKIP else f"{USER_SKIP}: {whys[i]}")
+             for i, rx in enumerate(patterns)]
     plan = {}
     for name, mod in transformer.named_modules():
         if not isinstance(mod, nn.Linear) or not name:
             continue
-        if any(rx.fullmatch(name) for rx in skips):
-            plan[name] = Rule(".*", KEEP, USER_SKIP)
-        else:
-            plan[name] = policy.decide(name, mod.in_features)
+        reason = next((why for rx, why in skips if rx.fullmatch(name)), None)
+        plan[name] = Rule(".*", KEEP, reason) if reason is not None else policy.decide(name, mod.in_features)
     return plan
 
 
-def compile_skips(skip: Sequence[str] | None) -> list[re.Pattern[str]]:
+def compile_skips(skip: Sequence[str] | dict[str, str] | None) -> list[re.Pattern[str]]:
     """The ``skip=`` regexes compiled; a ValueError names a pattern that is not a regex (or not a str).
 
     Example:
@@ -396,6 +418,8 @@ def compile_skips(skip: Sequence[str] | None) -> list[re.Pattern[str]]:
         return []
     if isinstance(skip, str):  # a lone string would be iterated character by character
         skip = [skip]
+    elif isinstance(skip, dict):  # {regex: reason}
+        skip = list(skip)
     out = []
     for pattern in skip:
         if not isinstance(pattern, str):
@@ -448,7 +472,7 @@ def save(obj: Any, path: str | os.PathLike[str]) -> Path:
         "architecture": type(transformer).__name__,
         "config": _config_dict(transformer),
         "formats": sorted({c.get("format") for c in configs}),
-        "ranks": sorted({c.get("rank") for c in configs}),
+        "ranks": sorted({c["rank"] for c in configs if "rank" in c}),  # weight-only layers have none
         "qkv_fused": any(n.rpartition(".")[2] in _FUSED_NAMES for n in mods),
     }
     sidecar_path(path).write_text(json.dumps(record, indent=1, sort_keys=True))
@@ -483,7 +507,8 @@ def _check_sidecar(path: Path, transformer: nn.Module, fmt: str, rank: int) -> N
     diff = {k: (want.get(k), have.get(k)) for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)}
     if diff:
         raise CheckpointError(f"{path}: the {arch} has another config; (checkpoint, model): {diff}")
-    if record.get("formats") != [fmt] or record.get("ranks") != [rank]:
+    main = [f for f in record.get("formats", []) if f not in _POLICY_FORMATS or f == fmt]
+    if main != [fmt] or record.get("ranks") not in ([rank], []):
         raise CheckpointError(f"{path}: holds formats {record.get('formats')} rank {record.get('ranks')}; "
                               f"load asked for {fmt!r} rank {rank}")
 
@@ -493,7 +518,7 @@ def _precheck(path: Path, modules: dict[str, dict[str, Any]], shapes: dict[str, 
     """Every checkpoint module must land on a linear of the (planned) model with its shape: cheap, no tensors."""
     for name, rec in modules.items():
         cfg = rec.get("config", {}) if isinstance(rec, dict) else {}
-        if cfg.get("format") != fmt:
+        if cfg.get("format") != fmt and cfg.get("format") not in _POLICY_FORMATS:
             raise CheckpointError(f"{path}: module {name!r} is {cfg.get('format')!r}; load asked for {fmt!r}")
         want = (cfg.get("in_features"), cfg.get("out_features"), cfg.get("has_bias"))
         if name not in shapes:
@@ -561,7 +586,7 @@ def _quantizer_attach(transformer: nn.Module, fmt: str, rank: int) -> None:
 
 
 def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: Any = None,
-         checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | None = None,
+         checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | dict[str, str] | None = None,
          policy: Policy | str | None = None, calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
          fuse_qkv_projections: bool = True, max_calib_tokens: int = MAX_CALIB_TOKENS,
          quant_opts: dict[str, Any] | None = None, progress: bool = True) -> Any:
@@ -580,7 +605,8 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
             (:mod:`lowbit_engine.integrations.folder`; a pipeline folder's ``transformer/`` too): fuse as it
             was saved and load it, no calibration. A path that does not exist (e.g. a hub id) is a
             CheckpointError: nothing is downloaded.
-        skip: regexes of layer names (``re.fullmatch``) to keep as they are, on top of the policy.
+        skip: regexes of layer names (``re.fullmatch``) to keep as they are, on top of the policy; or
+            ``{regex: reason}``, the reason shown in the report (e.g. ``{"norm_out.linear": "A/B test"}``).
         policy: a :class:`Policy`, a policy name ("flux", "sd3", "pixart", "sana", "wan", "generic") or
             None to pick one by the transformer's class.
         fuse_qkv_projections: False keeps Q, K and V separate even where fusion works.
@@ -609,7 +635,7 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
         >>> load(model, "int3")
         Traceback (most recent call last):
         ...
-        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+        lowbit_engine.errors.UnknownFormatError: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3, w4a16
     """
     global _LAST_REPORT
     start = time.perf_counter()
@@ -682,7 +708,7 @@ def _check_load_args(fmt: str, *, rank: Any, skip: Any, checkpoint: Any, calib_s
 
 
 def _quantize(obj: Any, transformer: nn.Module, policy: Policy, report: LoadReport, *, rank: int, calib: Any,
-              skip: Sequence[str] | None, calib_steps: int, calib_kwargs: dict[str, Any] | None, fuse: bool,
+              skip: Sequence[str] | dict[str, str] | None, calib_steps: int, calib_kwargs: dict[str, Any] | None, fuse: bool,
               max_tokens: int, quant_opts: dict[str, Any], progress: bool) -> None:
     if fuse and policy.fuse_qkv:
         report.qkv_fused, report.qkv_note, report.removed = fuse_qkv(transformer)
@@ -693,28 +719,31 @@ def _quantize(obj: Any, transformer: nn.Module, policy: Policy, report: LoadRepo
 
     plan = plan_layers(transformer, policy, skip)
     todo = [n for n, r in plan.items() if r.action != KEEP]
+    fmts = {n: plan[n].format_for(report.fmt) for n in todo}
+    calibrated = [n for n in todo if fmts[n] not in _POLICY_FORMATS]  # weight-only layers need no tokens
     report.kept = _kept_by_reason(plan)
 
     acts: dict[str, Tensor] = {}
     if calib is not None:
-        acts, report.calib_runs = collect_activations(obj, transformer, todo, calib, calib_steps=calib_steps,
+        acts, report.calib_runs = collect_activations(obj, transformer, calibrated, calib, calib_steps=calib_steps,
                                                       calib_kwargs=calib_kwargs, max_tokens=max_tokens)
         report.source = "calibrated"
-    report.uncalibrated = [n for n in todo if n not in acts]
+    report.uncalibrated = [n for n in calibrated if n not in acts]
 
     with warnings.catch_warnings():
         # One summary warning below rather than one per layer.
         warnings.simplefilter("ignore", NoCalibrationWarning)
-        for name in _progress(todo, progress, "lowbit-engine: quantizing"):
+        for name in _timed(todo, progress, "lowbit-engine: quantizing", report):
             layer = transformer.get_submodule(name)
             # A layer narrower than the rank (only in small or generic models) gets the largest rank it has.
             r = min(rank, layer.in_features, layer.out_features)
-            q = quantize_linear(layer, report.fmt, calib=acts.pop(name, None), rank=r, **quant_opts)
+            opts = quant_opts if fmts[name] == report.fmt else {}  # quant_opts are the load format's options
+            q = quantize_linear(layer, fmts[name], calib=acts.pop(name, None), rank=r, **opts)
             q.train(layer.training)
             _set_submodule(transformer, name, q)
-            report.quantized.setdefault(report.fmt, []).append(name)
+            report.quantized.setdefault(fmts[name], []).append(name)
     if report.uncalibrated:
-        warnings.warn(f"lowbit_engine.load: {len(report.uncalibrated)} of {len(todo)} layers were quantized "
+        warnings.warn(f"lowbit_engine.load: {len(report.uncalibrated)} of {len(calibrated)} layers were quantized "
                       "without calibration tokens (no smoothing); pass calib= for W4A4 quality",
                       NoCalibrationWarning, stacklevel=3)
 

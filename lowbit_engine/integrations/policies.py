@@ -3,20 +3,25 @@
 A :class:`Policy` is a list of rows ``(name regex, action, reason)``; the first row whose regex matches the
 whole qualified module name (``re.fullmatch``) decides. Actions:
 
-- ``"quantize"``: the layer becomes the format's module (e.g. :class:`~lowbit_engine.nn.SVDQLinear`);
+- ``"quantize"``: the layer becomes the format's module (e.g. :class:`~lowbit_engine.nn.SVDQLinear`): the
+  format ``load`` was asked for, or the row's own ``fmt`` when it names one;
 - ``"keep-bf16"``: the layer stays as it is, and the reason says why.
 
-The tables follow SVDQuant practice: attention projections and MLPs are quantized; the adaLN modulation
-linears, the timestep/text/caption embedders and the final projection are small, run on few tokens and are
-sensitive, so they stay in bf16 (a weight-only 4-bit format for them is a later format). A layer that no row
-matches is kept, and a "quantize" layer whose ``in_features`` is not a multiple of 64 (the int4 group size)
-is kept too, each with its reason in the load report.
+The tables follow SVDQuant practice for the big layers: attention projections and MLPs get the load's
+format. The adaLN modulation linears (and ``norm_out``) run on one token per image, the time embedding, so
+their cost is the weight read and 4-bit activations would buy nothing: they get the weight-only ``w4a16``
+format (``fmt=W4A16``) whatever the load's format is. In FLUX.1-dev they hold 3.2 B of the 11.9 B
+parameters. The timestep/text/caption embedders and the final projection stay bf16: together well under 1%
+of the parameters, and docs/fidelity.md measures what quantizing them would cost. A layer that no row
+matches is kept, and a "quantize" layer whose ``in_features`` is not a multiple of 64 (the group size) is
+kept too, each with its reason in the load report. ``load(..., skip={regex: reason})`` opts single layers
+out, with the caller's reason in the report.
 
 Example:
     >>> FLUX.decide("transformer_blocks.0.attn.to_qkv", 3072).action
     'quantize'
-    >>> FLUX.decide("transformer_blocks.0.norm1.linear", 3072).reason
-    'adaLN modulation: kept bf16 (weight-only 4-bit is a later format)'
+    >>> FLUX.decide("transformer_blocks.0.norm1.linear", 3072).fmt
+    'w4a16'
     >>> policy_for(type("MyDiT", (), {})()).name
     'generic'
 """
@@ -31,16 +36,18 @@ QUANTIZE = "quantize"
 KEEP = "keep-bf16"
 ACTIONS = (QUANTIZE, KEEP)
 GROUP = 64  # K must be a multiple of the int4 group size
+W4A16 = "w4a16"  # the weight-only format of the adaLN rows
 
 # Reasons shared by the tables (the report groups kept layers by reason, so the same words matter).
 ATTN = "attention projection"
 MLP = "MLP"
-ADALN = "adaLN modulation: kept bf16 (weight-only 4-bit is a later format)"
+ADALN = "adaLN modulation: w4a16 weight-only (one token per image: the cost is the weight read)"
 EMBED = "embedder: kept bf16 (runs once per step on few tokens)"
 FINAL = "final projection: kept bf16 (sets the output directly)"
 NO_RULE = "no policy row matched: kept bf16"
 NOT_GROUPED = f"in_features not a multiple of {GROUP}: kept bf16"
 USER_SKIP = "skip= given by the caller"
+GENERIC_ADALN = "looks like adaLN modulation: w4a16 weight-only"
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,18 @@ class Rule:
     pattern: str
     action: str
     reason: str
+    fmt: str | None = None  # a "quantize" row's own format (None: the format load was asked for)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"Rule {self.pattern!r}: action must be one of {ACTIONS}, got {self.action!r}")
+        if self.fmt is not None and self.action != QUANTIZE:
+            raise ValueError(f"Rule {self.pattern!r}: only a {QUANTIZE!r} row can name a format, got fmt={self.fmt!r}")
         re.compile(self.pattern)  # fail at import, not at load time
+
+    def format_for(self, load_fmt: str) -> str:
+        """The format this row quantizes with when ``load`` was asked for ``load_fmt``."""
+        return self.fmt or load_fmt
 
 
 @dataclass(frozen=True)
@@ -84,7 +98,7 @@ class Policy:
         return Rule(".*", KEEP, NO_RULE)
 
 
-def _table(name: str, rows: list[tuple[str, str, str]], fuse_qkv: bool) -> Policy:
+def _table(name: str, rows: list[tuple[str, ...]], fuse_qkv: bool) -> Policy:
     return Policy(name, tuple(Rule(*row) for row in rows), fuse_qkv)
 
 
@@ -95,10 +109,10 @@ FLUX = _table("flux", [
     (rf"{_B}\.attn\.(?:to_qkv|to_added_qkv|to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)", QUANTIZE, ATTN),
     (rf"{_B}\.(?:ff|ff_context)\.net\.(?:0\.proj|2)", QUANTIZE, MLP),
     (rf"{_B}\.(?:proj_mlp|proj_out)", QUANTIZE, "single-block MLP in / fused attention+MLP out"),
-    (rf"{_B}\.(?:norm1|norm1_context|norm)\.linear", KEEP, ADALN),
+    (rf"{_B}\.(?:norm1|norm1_context|norm)\.linear", QUANTIZE, ADALN, W4A16),
     (r"time_text_embed\..*", KEEP, EMBED),
     (r"x_embedder|context_embedder", KEEP, EMBED),
-    (r"norm_out\.linear", KEEP, ADALN),
+    (r"norm_out\.linear", QUANTIZE, ADALN, W4A16),
     (r"proj_out", KEEP, FINAL),
 ], fuse_qkv=True)
 
@@ -106,10 +120,10 @@ FLUX = _table("flux", [
 SD3 = _table("sd3", [
     (rf"{_B}\.attn2?\.(?:to_qkv|to_added_qkv|to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)", QUANTIZE, ATTN),
     (rf"{_B}\.(?:ff|ff_context)\.net\.(?:0\.proj|2)", QUANTIZE, MLP),
-    (rf"{_B}\.(?:norm1|norm1_context)\.linear", KEEP, ADALN),
+    (rf"{_B}\.(?:norm1|norm1_context)\.linear", QUANTIZE, ADALN, W4A16),
     (r"time_text_embed\..*", KEEP, EMBED),
     (r"context_embedder|pos_embed\..*", KEEP, EMBED),
-    (r"norm_out\.linear", KEEP, ADALN),
+    (r"norm_out\.linear", QUANTIZE, ADALN, W4A16),
     (r"proj_out", KEEP, FINAL),
 ], fuse_qkv=True)
 
@@ -117,7 +131,7 @@ SD3 = _table("sd3", [
 PIXART = _table("pixart", [
     (rf"{_B}\.attn[12]\.(?:to_qkv|to_kv|to_[qkv]|to_out\.0)", QUANTIZE, ATTN),
     (rf"{_B}\.ff\.net\.(?:0\.proj|2)", QUANTIZE, MLP),
-    (r"adaln_single\.linear", KEEP, ADALN),
+    (r"adaln_single\.linear", QUANTIZE, ADALN, W4A16),
     (r"adaln_single\.emb\..*|caption_projection\..*|pos_embed\..*", KEEP, EMBED),
     (r"proj_out", KEEP, FINAL),
 ], fuse_qkv=True)
@@ -127,7 +141,7 @@ PIXART = _table("pixart", [
 # legacy Attention class is not an AttentionModuleMixin): no fused layer appears and the report says so.
 SANA = _table("sana", [
     (rf"{_B}\.attn[12]\.(?:to_[qkv]|to_out\.0)", QUANTIZE, ATTN),
-    (r"time_embed\.linear", KEEP, ADALN),
+    (r"time_embed\.linear", QUANTIZE, ADALN, W4A16),
     (r"time_embed\.emb\..*|caption_projection\..*|patch_embed\..*", KEEP, EMBED),
     (r"proj_out", KEEP, FINAL),
 ], fuse_qkv=True)
@@ -136,7 +150,7 @@ SANA = _table("sana", [
 WAN = _table("wan", [
     (rf"{_B}\.attn[12]\.(?:to_qkv|to_kv|to_[qkv]|add_[kv]_proj|to_out\.0)", QUANTIZE, ATTN),
     (rf"{_B}\.ffn\.net\.(?:0\.proj|2)", QUANTIZE, MLP),
-    (r"condition_embedder\.time_proj", KEEP, ADALN),
+    (r"condition_embedder\.time_proj", QUANTIZE, ADALN, W4A16),
     (r"condition_embedder\..*|patch_embedding\..*", KEEP, EMBED),
     (r"proj_out", KEEP, FINAL),
 ], fuse_qkv=True)
@@ -148,8 +162,8 @@ _EMBEDDERS = (r"x_embedder|context_embedder|patch_embed|patch_embedding|pos_embe
               r"|condition_embedder|adaln_single")
 GENERIC = _table("generic", [
     (rf"(?:.*\.)?(?:{_EMBEDDERS})(?:\..*)?", KEEP, EMBED),
-    (r"(?:.*\.)?(?:norm\w*|\w*_norm)\.linear", KEEP, ADALN),
-    (r"norm_out(?:\..*)?", KEEP, ADALN),
+    (r"(?:.*\.)?(?:norm\w*|\w*_norm)\.linear", QUANTIZE, GENERIC_ADALN, W4A16),
+    (r"norm_out(?:\..*)?", QUANTIZE, GENERIC_ADALN, W4A16),
     (r"proj_out", KEEP, FINAL),
     (r".*", QUANTIZE, "generic policy: every other linear"),
 ], fuse_qkv=False)
@@ -183,5 +197,5 @@ def policy_for(transformer: Any, policy: Policy | str | None = None) -> Policy:
     return BY_CLASS.get(type(transformer).__name__, GENERIC)
 
 
-__all__ = ["Rule", "Policy", "POLICIES", "BY_CLASS", "policy_for", "QUANTIZE", "KEEP",
+__all__ = ["Rule", "Policy", "POLICIES", "BY_CLASS", "policy_for", "QUANTIZE", "KEEP", "W4A16",
            "FLUX", "SD3", "PIXART", "SANA", "WAN", "GENERIC"]

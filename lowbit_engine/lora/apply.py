@@ -6,7 +6,7 @@ Every targetable layer gets, once, ``capacity`` extra rank slots (zeros) on top 
   ``[N, base + capacity]`` (the base rows/columns copied unchanged). The quantizer computes
   ``x @ lora_down^T`` for all of them and the GEMM epilogue adds ``lora_act @ lora_up^T``: a LoRA costs no
   extra kernel, only a wider low-rank branch.
-- ``nn.Linear`` (layers the policy keeps in bf16): two non-persistent buffers ``lora_down`` / ``lora_up``
+- ``nn.Linear`` (layers the policy keeps in bf16) and the weight-only ``W4A16Linear``: two non-persistent buffers ``lora_down`` / ``lora_up``
   and a forward hook adding ``(x @ lora_down^T) @ lora_up^T``. A hook keeps the module, its name and its
   state dict as they were (checkpoints and the policy report see the same model), and dynamo traces
   module hooks, so ``torch.compile`` works when the capacity exists before compiling.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..nn import SVDQLinear
+from ..nn import SVDQLinear, W4A16Linear
 from .errors import LoRAError
 from .parse import Factor
 
@@ -65,16 +65,17 @@ _SWAP_HALVES = {"norm_out.linear"}
 
 
 def is_target(module: nn.Module) -> bool:
-    """Layers a LoRA can land on: SVDQLinear (into its low-rank branch) and plain nn.Linear (side branch)."""
-    return isinstance(module, (SVDQLinear, nn.Linear))
+    """Layers a LoRA can land on: SVDQLinear (into its low-rank branch), plain nn.Linear and the weight-only
+    W4A16Linear (a side branch; the 4-bit weights are never written)."""
+    return isinstance(module, (SVDQLinear, W4A16Linear, nn.Linear))
 
 
 def layer_dtype(module: nn.Module) -> torch.dtype:
-    return module.dtype if isinstance(module, SVDQLinear) else module.weight.dtype
+    return module.dtype if isinstance(module, (SVDQLinear, W4A16Linear)) else module.weight.dtype
 
 
 def layer_device(module: nn.Module) -> torch.device:
-    return module.qweight.device if isinstance(module, SVDQLinear) else module.weight.device
+    return module.qweight.device if isinstance(module, (SVDQLinear, W4A16Linear)) else module.weight.device
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ from .fp4_linear import FP4Linear
 from .fp8_linear import FP8Linear
 from .svdq_linear import SVDQLinear
 from .vq_linear import VQLinear
+from .w4a16_linear import W4A16Linear
 
 QUANTIZED_MODULES: dict[str, type[nn.Module]] = {
-    "SVDQLinear": SVDQLinear, "FP8Linear": FP8Linear, "FP4Linear": FP4Linear, "VQLinear": VQLinear}
+    "SVDQLinear": SVDQLinear, "FP8Linear": FP8Linear, "FP4Linear": FP4Linear, "VQLinear": VQLinear,
+    "W4A16Linear": W4A16Linear}
 
-__all__ = ["QUANTIZED_MODULES", "SVDQLinear", "FP8Linear", "FP4Linear", "VQLinear"]
+__all__ = ["QUANTIZED_MODULES", "SVDQLinear", "FP8Linear", "FP4Linear", "VQLinear", "W4A16Linear"]

@@ -18,11 +18,11 @@ The result is kept only if its hard output MSE on the calibration inputs beats p
 (``keep_best``); ``stats`` records both. With an optional per-output-channel scale (row absmax before
 k-means), the scale is refit at the end by least squares in the same output metric.
 
-Cost (one CPU thread, defaults): 64x128 vq2 ~0.2 s; 256x512 vq2 ~4 s, vq3 ~15 s (the k-means++ seeding
-of 4096 centroids is a Python loop). The k-means stage (``formats.vq.quantize``) always runs on the CPU
-in float64 and dominates for large layers (a FLUX-sized 3072x3072 vq3 layer: minutes; subsample or move
-k-means to the GPU before quantizing a whole model). The calibration is vectorised torch on ``device``
-(pass ``device="cuda"`` for a FLUX-sized layer: 2.4M sub-vectors x 4 candidates, a few hundred MB).
+Cost: the k-means stage (``formats.vq.quantize``) is vectorised torch on the weight's device (batched
+k-means++ seeding, Lloyd steps on a subset of at most 64 points per centroid, one final assignment of
+every sub-vector); docs/usage.md ("Quantization time") has the measured times. The calibration is
+vectorised torch on ``device`` (default: the weight's; a FLUX-sized layer is 2.4M sub-vectors x 4
+candidates, and each Adam step costs two N x K x K products: minutes on a GPU, far too slow on a CPU).
 
 Zero-data caveat: for a *single* linear layer with ``N(0, I)`` inputs the output MSE equals the weight MSE
 in expectation, for which nearest-centroid k-means is already optimal; Gaussian calibration then only

@@ -85,4 +85,11 @@ void gemm_w4a8_i8q(const int8_t* act, const float* act_scales, const uint8_t* w,
                    const float* lora_act, const void* lora_up, DType lora_dtype, int64_t R, const void* bias,
                    DType bias_dtype, void* out, DType out_dtype);
 
+// ---- weight-only W4A16 (docs/formats.md: "w4a16") ------------------------------------------------
+
+// x [M, K] (F32/F16/BF16) times w uint8 [N, K/2] (codes 0..15, even k in the low nibble), w_scales bf16 bits
+// [N, K/64], w_zeros uint8 [N, K/64] (0..15): out[m, n] = sum_g s * sum_{k in g} x * (q - z) (+ bias[n]).
+void gemm_w4a16(const void* x, DType x_dtype, int64_t M, int64_t K, const uint8_t* w, const uint16_t* w_scales,
+                const uint8_t* w_zeros, int64_t N, const void* bias, DType bias_dtype, void* out, DType out_dtype);
+
 }  // namespace lowbit::cpu
