@@ -78,7 +78,9 @@ def w4a16_linear(x: Tensor, w: Tensor, scales: Tensor, zeros: Tensor, bias: Tens
                  out_dtype: torch.dtype | None = None) -> Tensor:
     """``x [M, K]`` (bf16 / fp16 / fp32) x the w4a16 weight (``w uint8 [N, K/2]``, ``scales bf16 [N, K/64]``,
     ``zeros uint8 [N, K/64]``) + bias -> ``[M, N]`` in ``out_dtype`` (x's by default). See the module example."""
-    return torch.ops.lowbit.w4a16_linear(x, w, scales, zeros, bias, x.dtype if out_dtype is None else out_dtype)
+    if out_dtype is None and isinstance(x, Tensor):
+        out_dtype = x.dtype
+    return V.call("w4a16_linear", x, w, scales, zeros, bias, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ _OPTIONS: dict[str, frozenset[str]] = {
     "fp8": frozenset({"dtype"}),
     **dict.fromkeys(("nvfp4", "mxfp4"), frozenset({"act", "dtype"})),
     **dict.fromkeys(("vq2", "vq3"), frozenset({"dtype"}) | _params(vq_quantize, ("w", "fmt", "calib"))),
+    "w4a16": frozenset({"dtype", "search"}),
 }
 
 

@@ -24,11 +24,11 @@ from torch import nn
 
 import lowbit_engine
 from lowbit_engine import checkpoint as ckpt
-from lowbit_engine import lora, ops, ops_exit, ops_float, ops_fused, ops_w4a8
+from lowbit_engine import lora, ops, ops_exit, ops_float, ops_fused, ops_w4a8, ops_w4a16
 from lowbit_engine.errors import CalibrationError, CheckpointError, NonFiniteError, OpInputError
 from lowbit_engine.formats import f8l, i8q, int4
 from lowbit_engine.lora import LoRAError
-from lowbit_engine.nn import FP4Linear
+from lowbit_engine.nn import FP4Linear, W4A16Linear
 from lowbit_engine.quantize import available_formats, quantize_linear
 from triton_interp import load_interpreted
 
@@ -363,6 +363,7 @@ def _valid_op_args() -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
     icodes, steps, zeros, irow = i8q.quantize(torch.randn(8, 128, generator=g))
     fp4 = FP4Linear.from_linear(nn.Linear(128, 8).to(BF16))
     w_fp8 = torch.randn(8, 128, generator=g).to(torch.float8_e4m3fn)
+    w16 = W4A16Linear.from_linear(nn.Linear(128, 8).to(BF16))
     return {
         "quantize_act": (ops.quantize_act, dict(x=x, smooth=smooth, lora_down=down, mode="int4")),
         "gemm_w4a4": (ops.gemm_w4a4, dict(act=qa4, act_scales=sa4, w=int4.pack(qw), w_scales=sw, **epi)),
@@ -383,6 +384,8 @@ def _valid_op_args() -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
                                                   w_inv=fp4.w_inv, w_scale_fp8=fp4.w_scale_fp8,
                                                   w_scale_bf16=fp4.w_scale_bf16, bias=bias, fmt="nvfp4", act="fp8",
                                                   out_dtype=BF16)),
+        "w4a16_linear": (ops_w4a16.w4a16_linear, dict(x=x, w=w16.qweight, scales=w16.scales, zeros=w16.zeros,
+                                                      bias=bias, out_dtype=BF16)),
         "quantize_act_static": (ops_exit.quantize_act_static, dict(x=x, scale=0.02, smooth=smooth, lora_down=down,
                                                                    mode="fp8")),
         "gemm_w4a8_exit": (ops_exit.gemm_w4a8_exit, dict(

@@ -693,7 +693,7 @@ def test_mxfp4_to_fp8_out_of_range_rounds() -> None:
 
 
 def test_format_registry() -> None:
-    assert set(formats.FORMATS) == {"svdq-int4", "svdq-w4a8", "fp8", "nvfp4", "mxfp4", "vq2", "vq3"}
+    assert set(formats.FORMATS) == {"svdq-int4", "svdq-w4a8", "fp8", "nvfp4", "mxfp4", "vq2", "vq3", "w4a16"}
     for name in formats.FORMATS:
         assert formats.check_format(name) == name
     with pytest.raises(ValueError, match="unknown format 'int3'.*svdq-int4.*vq3"):
