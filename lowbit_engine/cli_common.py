@@ -10,7 +10,7 @@ Example:
     >>> format_arg("int3")
     Traceback (most recent call last):
     ...
-    argparse.ArgumentTypeError: unknown format 'int3'; expected one of: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+    argparse.ArgumentTypeError: unknown format 'int3'; expected one of: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3, w4a16
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
     path = lowbit_engine.save(q, tmp_path / "q.safetensors")
     fresh, _ = tiny_flux_pipeline(seed=0)
     t = fresh.transformer
-    lowbit_engine.load(t, "svdq-w4a8", rank=16, checkpoint=path)
+    lowbit_engine.load(t, checkpoint=path)  # fmt and rank from the checkpoint (an earlier LoRA may have grown it)
     for a, b in zip(_mlp_fc2s(q), _mlp_fc2s(t)):
         assert b.input_scale == a.input_scale is not None
 

@@ -23,7 +23,7 @@ Example:
     >>> LowbitConfig("int3")
     Traceback (most recent call last):
     ...
-    lowbit_engine.errors.UnknownFormatError: LowbitConfig: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3
+    lowbit_engine.errors.UnknownFormatError: LowbitConfig: unknown format 'int3'; known formats: fp8, mxfp4, nvfp4, svdq-int4, svdq-w4a8, vq2, vq3, w4a16
 """
 
 from __future__ import annotations

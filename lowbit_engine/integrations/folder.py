@@ -135,7 +135,11 @@ def checkpoint_format(res: Resolved, transformer: nn.Module, fmt: str | None,
     from .diffusers import _checkpoint_modules, sidecar_path
 
     if fmt is None:
+        from .diffusers import _POLICY_FORMATS
+
         formats = sorted({str((r.get("config") or {}).get("format")) for r in _checkpoint_modules(res.file).values()})
+        if len(formats) > 1:  # the layers a policy row puts in its own format (w4a16 adaLN) beside the main one
+            formats = [f for f in formats if f not in _POLICY_FORMATS] or formats
         if len(formats) != 1:
             raise CheckpointError(f"{res.file}: holds layers of formats {formats}; engine.load takes one format")
         fmt = formats[0]
