@@ -243,3 +243,16 @@ def test_exit_fused_model_compiles_and_matches_eager(calibrated):
         fused_blocks.remove(q)
         torch._dynamo.reset()
     assert torch.equal(compiled, eager)
+
+
+def test_failed_calibration_leaves_the_scales_as_they_were(calibrated):
+    q, _ = calibrated
+    scales = [fc2.input_scale for fc2 in _mlp_fc2s(q)]
+
+    def broken():
+        q(**_inputs(2))
+        raise RuntimeError("the pipeline failed")
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="the pipeline failed"):
+        fused_blocks.calibrate_exit_scales(q, broken)
+    assert [fc2.input_scale for fc2 in _mlp_fc2s(q)] == scales and all(s is not None for s in scales)

@@ -131,6 +131,7 @@ def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max
     """
     stats: dict[str, dict[str, Any]] = {}
     hooks = []
+    before = {fc2: fc2.input_scale for _, _, fc2, _ in _exit_pairs(transformer) if isinstance(fc2, SVDQLinear)}
     for name, fc1, fc2, fc2_name in _exit_pairs(transformer):
         if not (isinstance(fc1, SVDQLinear) and fc1.weight_layout in EXIT_LAYOUTS and isinstance(fc2, SVDQLinear)
                 and fc2.act_mode in FUSABLE_ACTS):
@@ -147,6 +148,10 @@ def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max
         hooks.append(fc2.register_forward_pre_hook(watch))
     try:
         run()
+    except BaseException:
+        for fc2, scale in before.items():  # a failed calibration leaves the scales as they were
+            fc2.input_scale = scale
+        raise
     finally:
         for h in hooks:
             h.remove()
