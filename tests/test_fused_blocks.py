@@ -122,18 +122,23 @@ def test_lora_on_the_fused_model(models):
     assert _rel(lora_fused, lora_unfused) < FUSED_VS_UNFUSED
 
 
-def test_compiles_and_matches_eager(models):
-    _, q = models
+def _fused_compiled_and_eager(q, fullgraph: bool = False):
+    """The fused model's output eager and under ``torch.compile`` (aot_eager), on the same inputs."""
     torch._dynamo.reset()
     x = _inputs(8)
     fused_blocks.install(q)
     try:
         with torch.no_grad():
             eager = q(**x)[0]
-            compiled = torch.compile(q, backend="aot_eager")(**x)[0]
+            compiled = torch.compile(q, backend="aot_eager", fullgraph=fullgraph)(**x)[0]
     finally:
         fused_blocks.remove(q)
         torch._dynamo.reset()
+    return compiled, eager
+
+
+def test_compiles_and_matches_eager(models):
+    compiled, eager = _fused_compiled_and_eager(models[1])
     assert torch.equal(compiled, eager)
 
 
@@ -231,17 +236,7 @@ def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
 
 
 def test_exit_fused_model_compiles_and_matches_eager(calibrated):
-    q, _ = calibrated
-    torch._dynamo.reset()
-    x = _inputs(8)
-    fused_blocks.install(q)
-    try:
-        with torch.no_grad():
-            eager = q(**x)[0]
-            compiled = torch.compile(q, backend="aot_eager", fullgraph=True)(**x)[0]
-    finally:
-        fused_blocks.remove(q)
-        torch._dynamo.reset()
+    compiled, eager = _fused_compiled_and_eager(calibrated[0], fullgraph=True)
     assert torch.equal(compiled, eager)
 
 
