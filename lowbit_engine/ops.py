@@ -499,6 +499,7 @@ OPS = ("quantize_act", "gemm_w4a4", "gemm_w4a8", "vq_dequantize", "vq_gemm")
 from . import kernels as _kernels  # noqa: E402,F401  registers the Triton backends
 from . import ops_float as _ops_float  # noqa: E402,F401  registers lowbit::fp8_linear / lowbit::fp4_linear
 from . import ops_w4a8 as _ops_w4a8  # noqa: E402,F401  registers lowbit::gemm_w4a8_f8l / gemm_w4a8_i8q
+from . import ops_gemm8_cuda as _ops_gemm8_cuda  # noqa: E402,F401  the sm_90a cuda backend (LOWBIT_GEMM8_CUDA=1)
 from . import ops_fused as _ops_fused  # noqa: E402,F401  registers lowbit::norm_modulate_quantize
 from . import ops_exit as _ops_exit  # noqa: E402,F401  registers lowbit::gemm_w4a8_exit / quantize_act_static
 from . import ops_w4a16 as _ops_w4a16  # noqa: E402,F401  registers lowbit::w4a16_linear

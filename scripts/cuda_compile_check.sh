@@ -19,9 +19,9 @@ for src in csrc/cuda/*.cu; do
     if grep -E 'bytes spill (stores|loads)' "$log" | grep -vqE ' 0 bytes spill stores, 0 bytes spill loads'; then
       echo "SPILLS in $src for sm_$arch:"; grep -E 'spill' "$log"; status=1
     fi
-    # ptxas serializing wgmmas (C7514/C7515: an accumulator touched in flight) or ignoring setmaxnreg
+    # ptxas serializing wgmmas (C7513/C7514/C7515: an operand or accumulator touched in flight) or ignoring setmaxnreg
     # (C7508) compiles to a correct but much slower kernel: treat it like a spill.
-    if grep -qE 'C751[45]|C7508' "$log"; then
+    if grep -qE 'C751[345]|C7508' "$log"; then
       echo "WGMMA/SETMAXNREG DEGRADED in $src for sm_$arch:"; grep -E 'C75[0-9][0-9]' "$log"; status=1
     fi
   done

@@ -1,10 +1,15 @@
 // pybind11 registration of the C++ CPU reference kernels. Arguments are raw addresses (uintptr_t, 0 for
 // "absent") and plain integers; lowbit_engine/ops.py validates tensors before any address crosses.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <utility>
+#include <vector>
 
 #include "lowbit/cpu_ref.h"
+#include "lowbit/sm90_gemm8_schedule.h"
 
 namespace py = pybind11;
 using lowbit::ActQuant;
@@ -158,4 +163,50 @@ void register_cpu(py::module_& m) {
                                 DType(bias_dtype), ptr<void>(out), DType(out_dtype));
       },
       "Weight-only W4A16 GEMM (uint4, bf16 step and integer zero per 64), bias epilogue");
+
+  // The work decomposition of the sm_90a 8-bit GEMM (lowbit/sm90_gemm8_schedule.h): the same code the kernel
+  // and its launcher run, here for the CPU tests of coverage and of the pipeline protocol.
+  m.def(
+      "gemm8_sm90_schedule",
+      [](int64_t M, int64_t N, int64_t K, int sms, int group) {
+        const lowbit::gemm8::Gemm8Config c = lowbit::gemm8::choose_gemm8_config(M, N, K, sms, group);
+        py::list units;
+        for (int u = 0; u < c.sched.units(); ++u) {
+          const lowbit::gemm8::Gemm8Unit un = c.sched.unit(u);
+          units.append(py::make_tuple(un.m_block, un.n_pair, un.split, un.kb_begin, un.kb_end));
+        }
+        py::dict d;
+        d["tok"] = c.tok;
+        d["splits"] = c.splits;
+        d["clusters"] = c.clusters;
+        d["m_blocks"] = c.sched.m_blocks;
+        d["n_pairs"] = c.sched.n_pairs;
+        d["k_blocks"] = c.sched.k_blocks;
+        d["group"] = c.sched.group;
+        d["rows_per_cta"] = lowbit::gemm8::kGemm8RowsPerCta;
+        d["cluster"] = lowbit::gemm8::kGemm8Cluster;
+        d["units"] = units;
+        return d;
+      },
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"), py::arg("group") = 8,
+      "Launch configuration and unit list (m_block, n_pair, split, kb_begin, kb_end) of the sm_90a 8-bit GEMM");
+  m.def(
+      "gemm8_pipe_states",
+      [](int stages, int n) {
+        std::vector<std::pair<int, int>> out;
+        auto run = [&](auto ps) {
+          for (int i = 0; i < n; ++i) {
+            out.emplace_back(ps.slot, static_cast<int>(ps.phase));
+            ps.advance();
+          }
+        };
+        switch (stages) {
+          case 3: run(lowbit::gemm8::PipeState<3>{}); break;
+          case 5: run(lowbit::gemm8::PipeState<5>{}); break;
+          case 8: run(lowbit::gemm8::PipeState<8>{}); break;
+          default: throw std::invalid_argument("gemm8_pipe_states: stages must be 3, 5 or 8 (the kernel's rings)");
+        }
+        return out;
+      },
+      "The (slot, phase) sequence of the kernel's ring position for the first n stages");
 }
