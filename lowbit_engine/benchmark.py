@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import _dispatch, ops, ops_w4a8
+from . import _dispatch, ops, ops_gemm8_cuda, ops_w4a8
 from ._build_info import build_info
 from .formats import int4, w4_layouts
 
@@ -82,6 +82,7 @@ class Case:
     fn: Callable[[int], object]
     op: str | None = None  # the lowbit op whose backend is reported (None: a torch/cuBLAS baseline)
     op_args: Callable[[int], tuple] | None = None
+    label: str | None = None  # backend column of a kernel called directly (not through an op's dispatch)
 
 
 def _commit() -> str:
@@ -182,6 +183,12 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
             return torch._scaled_mm(xa, fp8[i][2], scale_a=sa, scale_b=fp8[i][3], out_dtype=torch.bfloat16)
 
         cases.append(Case("torch_fp8_dynamic_unfused", flops, bf * M * K + N * K + out_b, fp8_dynamic))
+        if M > 64 and ops_gemm8_cuda.available():
+            # The persistent sm_90a skeleton as a plain fp8 GEMM (weights already e4m3): issue 15's gate.
+            gate = [(xa.contiguous(), sa.reshape(-1).float().contiguous(), wt.t().contiguous(),
+                     sb.reshape(-1).float().contiguous()) for xa, sa, wt, sb in fp8]
+            cases.append(Case("gemm8_fp8_sm90", flops, M * K + N * K + out_b,
+                              lambda i: ops_gemm8_cuda.gemm_fp8_sm90(*gate[i]), label="cuda"))
     else:
         cases.append(Case("torch_matmul_bf16", flops, bf * (M * K + N * K) + out_b,
                           lambda i: torch.matmul(sets[i]["x"], sets[i]["w"].t())))
@@ -282,6 +289,10 @@ def _cases(M: int, K: int, N: int, sets: list[dict[str, torch.Tensor]], on_gpu: 
                                   L, wb[i]["qweight"], wb[i]["wscales"], wb[i][s2] if s2 else None,
                                   out=w4_expand.scratch.get(N * K, wb[i]["qweight"].device).view(
                                       torch.int8 if L == "i8q" else torch.float8_e4m3fn).view(N, K))))
+            if layout == "f8l" and ops_gemm8_cuda.available():
+                # The persistent TMA / wgmma kernel (csrc/cuda/gemm8_sm90.cu) on the same inputs.
+                cases.append(Case("gemm_w4a8_f8l_r32_sm90", flops, tok_bytes + w_bytes_l + out_b,
+                                  lambda i, a=op_args: ops_gemm8_cuda.gemm_w4a8_f8l_sm90(*a(i)), label="cuda"))
             cases.append(Case(f"gemm8_{'int8' if layout == 'i8q' else 'fp8'}_r32", flops,
                               tok_bytes + N * K + 4 * N + bf * N * RANK + bf * N + out_b,
                               lambda i, w8=w8, toks=toks, wb=wb: gemm8.gemm8_triton(
@@ -439,7 +450,7 @@ def run(
         for case in cases:
             if bar is not None:
                 bar.set_postfix_str(f"M={M} K={K} N={N}: {case.kernel}")
-            backend, fallback = "torch", False
+            backend, fallback = case.label or "torch", False
             if case.op is not None:
                 args = case.op_args(0) if case.op_args is not None else None
                 if args is not None:
