@@ -225,6 +225,44 @@ def test_exit_fused_model_matches_the_unfused_one(calibrated):
     assert _rel(fused, unfused) < FUSED_VS_UNFUSED
 
 
+def test_single_block_reads_proj_outs_lora_down_in_place(calibrated, monkeypatch):
+    """The single block's two producers (attention's light pass, proj_mlp's exit GEMM) get column slices of
+    proj_out's lora_down as views of the buffer itself, not per-call copies."""
+    q, _ = calibrated
+    po = q.single_transformer_blocks[0].proj_out
+    seen = []
+
+    def spy(real, arg):
+        def call(*a, **k):
+            ld = k[arg] if arg in k else a[3]
+            if ld is not None and ld.shape[1] < po.in_features:
+                seen.append((ld.untyped_storage().data_ptr() == po.lora_down.untyped_storage().data_ptr(),
+                             ld.is_contiguous()))
+            return real(*a, **k)
+        return call
+
+    monkeypatch.setattr(fused_blocks.ops_exit, "quantize_act_static",
+                        spy(fused_blocks.ops_exit.quantize_act_static, "lora_down"))
+    monkeypatch.setattr(fused_blocks.ops_exit, "gemm_w4a8_exit",
+                        spy(fused_blocks.ops_exit.gemm_w4a8_exit, "next_lora_down"))
+    fused_blocks.install(q)
+    try:
+        with torch.no_grad():
+            fused_blocks.single_block_forward(q.single_transformer_blocks[0], *_block_inputs(q))
+    finally:
+        fused_blocks.remove(q)
+    assert len(seen) == 2 and all(same for same, _ in seen)
+    assert [contiguous for _, contiguous in seen] == [False, False]  # both slices are narrower row views
+
+
+def _block_inputs(q):
+    g = torch.Generator().manual_seed(12)
+    D = q.single_transformer_blocks[0].proj_out.out_features
+    return ((torch.randn(2, 64, D, generator=g) * 0.5).to(torch.bfloat16),
+            (torch.randn(2, 16, D, generator=g) * 0.5).to(torch.bfloat16),
+            (torch.randn(2, D, generator=g)).to(torch.bfloat16))
+
+
 def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
     q, _ = calibrated
     path = lowbit_engine.save(q, tmp_path / "q.safetensors")

@@ -99,12 +99,12 @@ def feed_forward(ff: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: n
 def _exit_gemm(fc1: SVDQLinear, fc2: SVDQLinear, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm,
                col: int) -> tuple[Tensor, Tensor, Tensor]:
     """fc1 on the modulated x (entry-fused), its GEMM writing GELU(h) as fc2's input columns ``col:`` (the
-    slices of fc2's smooth and lora_down that meet them): ``(q, scales, lora_act partial)``."""
+    slices of fc2's smooth and lora_down that meet them, read in place): ``(q, scales, lora_act partial)``."""
     B, T, K = x.shape
     q, s, la = ops_fused.norm_modulate_quantize(x.reshape(B * T, K), shift.contiguous(), scale.contiguous(), norm.eps,
                                                 fc1.smooth, fc1.lora_down if fc1.rank else None, fc1.act_mode, T)
     bufs = fc1.weight_buffers()
-    ld = (fc2.lora_down[:, col:].contiguous() if col else fc2.lora_down) if fc2.rank else None
+    ld = fc2.lora_down[:, col:] if fc2.rank else None  # a row-strided view when col > 0: no copy
     return ops_exit.gemm_w4a8_exit(
         fc1.weight_layout, q, s, bufs["qweight"], bufs["wscales"], bufs.get("wzeros"), bufs["wrow"],
         la if fc1.rank else None, fc1.lora_up if fc1.rank else None, fc1.bias, h_dtype=x.dtype,
@@ -287,7 +287,7 @@ def single_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden
     if exit_fused:  # the attention output quantized in one light pass with the same static scale
         B, T, D = attn_output.shape
         qa, sa, la = ops_exit.quantize_act_static(attn_output.reshape(B * T, D).contiguous(), po.input_scale,
-                                                  po.smooth[:D], po.lora_down[:, :D].contiguous() if po.rank else None,
+                                                  po.smooth[:D], po.lora_down[:, :D] if po.rank else None,
                                                   po.act_mode)
         qm, sm, lm = mlp_part
         sa = torch.where(torch.isnan(sm), sm, sa)  # a non-finite token in either part marks the whole row
