@@ -170,12 +170,12 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
                       GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             tag = f"{'int8' if is_int8 else 'fp8'} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} " \
                   f"s{cfg.num_stages}"
-            no_exit = (_t((1,)), _t((1,)), _t((1,)), _t((1,)), _t((1,)), 1.0, 0, 0, 0)
+            no_exit = (_t((1,)), _t((1,)), _t((1,)), _t((1,)), _t((1,)), 1.0, 0, 0, 0, 0)
             out.append((f"gemm8 {tag}", gemm8._gemm8_kernel, head + no_exit, kw))
         cfg = gemm8.EXIT_DEFAULTS[2**62]  # the exit epilogue (fc1 writing fc2's 8-bit input), large-M tile
         head = (_t((M, K), dt), _t((M,)), _t((N, K), dt), _t((N,)), _t((M, R)), _t((N, R), bf), _t((N,), bf),
                 _t((1,), bf), M, N, K, R)
-        ex = (_t((M, N), u8), _t((M,)), _t((N,)), _t((R, N), bf), _t((M, R)), 0.02, N, 0, R)
+        ex = (_t((M, N), u8), _t((M,)), _t((N,)), _t((R, N), bf), _t((M, R)), 0.02, N, 0, R, N)
         kw = dict(IS_INT8=is_int8, HAS_LORA=True, LORA_16BIT=True, EMULATE_16BIT_DOT=False, HAS_BIAS=True,
                   EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=32,
                   GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, EXIT=2,
@@ -211,7 +211,7 @@ def cases(M: int = 4608, K: int = 3072, N: int = 3072, R: int = 32) -> list[tupl
     for mode in ("int8", "fp8"):
         x = _t((M, K), bf)
         q = _t((M, K), u8)
-        args = (x, _t((K,)), _t((R, K), bf), q, _t((M,)), _t((M, R)), M, K, R, 1.0)
+        args = (x, _t((K,)), _t((R, K), bf), q, _t((M,)), _t((M, R)), M, K, R, 1.0, K)
         kw = dict(IS_FP8=mode == "fp8", HAS_SMOOTH=True, HAS_LORA=True, EMULATE_16BIT_DOT=False, BLOCK_M=16,
                   BLOCK_K=256, BLOCK_R=32, num_warps=4, num_stages=2)
         out.append((f"quant8 {mode} smooth r{R}", quant8._quant8_kernel, args, kw))

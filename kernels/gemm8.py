@@ -63,7 +63,7 @@ def _bf16_rne_as_f32(x):
 def _gemm8_kernel(
     a_ptr, sa_ptr, w_ptr, sw_ptr, la_ptr, lu_ptr, bias_ptr, out_ptr,
     M, N, K, R,
-    q_ptr, qs_ptr, nsm_ptr, nld_ptr, nla_ptr, next_scale, LDQ, QCOL, R2,
+    q_ptr, qs_ptr, nsm_ptr, nld_ptr, nla_ptr, next_scale, LDQ, QCOL, R2, LDD,
     IS_INT8: tl.constexpr, HAS_LORA: tl.constexpr, LORA_16BIT: tl.constexpr, EMULATE_16BIT_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -141,7 +141,7 @@ def _gemm8_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     else:
         _exit_epilogue(out, offs_m, offs_n, mask_m, mask_n, out_ptr, q_ptr, qs_ptr, nsm_ptr, nld_ptr, nla_ptr,
-                       next_scale, M, N, LDQ, QCOL, R2, EXIT, NEXT_FP8, HAS_NSMOOTH, HAS_NLORA, EMULATE_16BIT_DOT,
+                       next_scale, M, N, LDQ, QCOL, R2, LDD, EXIT, NEXT_FP8, HAS_NSMOOTH, HAS_NLORA, EMULATE_16BIT_DOT,
                        BLOCK_M, BLOCK_N, BLOCK_R2)
 
 
@@ -161,7 +161,7 @@ def _or(a, b):
 
 @triton.jit
 def _exit_epilogue(out, offs_m, offs_n, mask_m, mask_n, h_ptr, q_ptr, qs_ptr, nsm_ptr, nld_ptr, nla_ptr, next_scale,
-                   M, N, LDQ, QCOL, R2, EXIT: tl.constexpr, NEXT_FP8: tl.constexpr, HAS_NSMOOTH: tl.constexpr,
+                   M, N, LDQ, QCOL, R2, LDD, EXIT: tl.constexpr, NEXT_FP8: tl.constexpr, HAS_NSMOOTH: tl.constexpr,
                    HAS_NLORA: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_R2: tl.constexpr):
     """The exit linear's epilogue (docs/formats.md, "Exit quantizer"): the tile ``h`` is rounded to the 16-bit
@@ -169,7 +169,8 @@ def _exit_epilogue(out, offs_m, offs_n, mask_m, mask_n, h_ptr, q_ptr, qs_ptr, ns
     then written as the NEXT linear's 8-bit input with its static scale: ``q[m, QCOL + n]`` of a
     ``[M, LDQ]`` buffer (QCOL lets two producers fill one concatenated input, FLUX's single block). The next
     layer's lora-down reads the unquantized h: this tile's partial ``h @ lora_down[:, QCOL + n]^T`` is
-    added atomically into the fp32 ``[M, R2]`` lora_act (zeroed by the caller). A row holding a non-finite
+    added atomically into the fp32 ``[M, R2]`` lora_act (zeroed by the caller); lora_down's rows are ``LDD``
+    (>= LDQ) elements apart, so it may be a column slice of a wider matrix. A row holding a non-finite
     value stores a NaN into its token scale (``qs_ptr``, pre-filled with the static scale by the caller)."""
     h = _round16(out, h_ptr, EMULATE)
     if EXIT == 2:  # GELU, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1) (reference.exit_activation)
@@ -201,7 +202,7 @@ def _exit_epilogue(out, offs_m, offs_n, mask_m, mask_n, h_ptr, q_ptr, qs_ptr, ns
         offs_r = tl.arange(0, BLOCK_R2)
         for r0 in range(0, R2, BLOCK_R2):
             r = r0 + offs_r
-            ld = tl.load(nld_ptr + r[None, :].to(tl.int64) * LDQ + QCOL + offs_n[:, None],
+            ld = tl.load(nld_ptr + r[None, :].to(tl.int64) * LDD + QCOL + offs_n[:, None],
                          mask=(r < R2)[None, :] & mask_n[:, None], other=0.0)  # [BLOCK_N, BLOCK_R2]
             if EMULATE:
                 part = tl.dot(hz, ld.to(tl.float32), input_precision="ieee")
@@ -251,7 +252,7 @@ class ExitSpec:
     scales: Tensor             # fp32 [M], pre-filled with ``scale``
     lora_act: Tensor | None    # fp32 [M, R2], zeroed
     smooth: Tensor | None      # fp32 [LDQ]
-    lora_down: Tensor | None   # bf16 / fp16 [R2, LDQ]
+    lora_down: Tensor | None   # bf16 / fp16 [R2, LDQ], column stride 1, any row stride >= LDQ
     scale: float
     fp8: bool
     col: int
@@ -304,13 +305,13 @@ def gemm8_triton(
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
         guard = torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext()
         if ex is None:
-            exit_args = (dst, dst, dst, dst, dst, 1.0, 0, 0, 0)
+            exit_args = (dst, dst, dst, dst, dst, 1.0, 0, 0, 0, 0)
             exit_kw = {}
         else:
             R2 = 0 if ex.lora_down is None else ex.lora_down.shape[0]
             exit_args = (ex.q, ex.scales, ex.smooth if ex.smooth is not None else ex.scales,
                          ex.lora_down if R2 else dst, ex.lora_act if R2 else ex.scales, float(ex.scale),
-                         ex.q.shape[1], ex.col, R2)
+                         ex.q.shape[1], ex.col, R2, ex.lora_down.stride(0) if R2 > 1 else ex.q.shape[1])
             exit_kw = dict(EXIT=2 if ex.activation == "gelu_tanh" else 1, NEXT_FP8=ex.fp8,
                            HAS_NSMOOTH=ex.smooth is not None, HAS_NLORA=R2 > 0,
                            BLOCK_R2=min(cfg.block_r, max(16, triton.next_power_of_2(max(R2, 1)))))
@@ -358,7 +359,9 @@ def gemm8_exit_triton(
     ``q_out [M, LDQ]`` (int8 / e4m3), ``scales_out [M]`` and ``lora_out [M, R2]`` may be given to fill
     columns ``col : col + N`` of a wider input (FLUX's single block concatenates attention and MLP); the
     caller then pre-fills ``scales_out`` with ``next_scale`` and zeroes ``lora_out`` once for all producers.
-    ``next_smooth`` is ``[LDQ]`` fp32 and ``next_lora_down`` ``[R2, LDQ]`` 16-bit, the next layer's own.
+    ``next_smooth`` is ``[LDQ]`` fp32 and ``next_lora_down`` ``[R2, LDQ]`` 16-bit, the next layer's own;
+    next_lora_down may be a row-strided view (column stride 1, row stride >= LDQ), e.g. a column slice of a
+    wider next layer's lora-down, read in place.
     """
     fn = "gemm8_exit_triton"
     M, N = a.shape[0], w8.shape[0]
@@ -379,14 +382,18 @@ def gemm8_exit_triton(
             or not 0 <= col <= ldq - N:
         raise ValueError(f"{fn}: q_out must be contiguous {qdtype} [M={M}, >= col + N = {col + N}], got "
                          f"{q_out.dtype} {tuple(q_out.shape)} with col={col}")
-    if next_smooth is not None and (next_smooth.dtype != torch.float32 or tuple(next_smooth.shape) != (ldq,)):
-        raise ValueError(f"{fn}: next_smooth must be fp32 [{ldq}], got {next_smooth.dtype} {tuple(next_smooth.shape)}")
+    if next_smooth is not None and (next_smooth.dtype != torch.float32 or tuple(next_smooth.shape) != (ldq,)
+                                    or (ldq > 1 and next_smooth.stride(0) != 1)):
+        raise ValueError(f"{fn}: next_smooth must be fp32 [{ldq}] with stride 1, got {next_smooth.dtype} "
+                         f"{tuple(next_smooth.shape)} stride {next_smooth.stride()}")
     R2 = 0
     if next_lora_down is not None:
         if next_lora_down.dtype not in (torch.bfloat16, torch.float16) or next_lora_down.dim() != 2 \
-                or next_lora_down.shape[1] != ldq or not next_lora_down.is_contiguous():
-            raise ValueError(f"{fn}: next_lora_down must be contiguous bf16 / fp16 [R2, {ldq}], got "
-                             f"{next_lora_down.dtype} {tuple(next_lora_down.shape)}")
+                or next_lora_down.shape[1] != ldq or (ldq > 1 and next_lora_down.stride(1) != 1) \
+                or (next_lora_down.shape[0] > 1 and next_lora_down.stride(0) < ldq):
+            raise ValueError(f"{fn}: next_lora_down must be bf16 / fp16 [R2, {ldq}] with column stride 1 and row "
+                             f"stride >= {ldq}, got {next_lora_down.dtype} {tuple(next_lora_down.shape)} strides "
+                             f"{next_lora_down.stride()}")
         R2 = next_lora_down.shape[0]
     if scales_out is None:
         scales_out = torch.full((M,), float(next_scale), dtype=torch.float32, device=a.device)

@@ -86,12 +86,13 @@ def _e4m3_bits(y):
 
 @triton.jit
 def _quant8_kernel(
-    x_ptr, smooth_ptr, ld_ptr, q_ptr, scale_ptr, la_ptr, M, K, R, static_scale,
+    x_ptr, smooth_ptr, ld_ptr, q_ptr, scale_ptr, la_ptr, M, K, R, static_scale, LDR,
     IS_FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, EMULATE_16BIT_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, STATIC: tl.constexpr = False,
 ):
     """Per-token scales, or with ``STATIC`` the one ``static_scale`` (docs/formats.md, "Exit quantizer":
-    saturating; a row holding a non-finite value gets a NaN scale and q = 0 on its non-finite elements)."""
+    saturating; a row holding a non-finite value gets a NaN scale and q = 0 on its non-finite elements).
+    ``LDR``: the row stride of lora_down (>= K: a column slice of a wider one is read in place)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = rows < M
     rows64 = rows.to(tl.int64)
@@ -106,7 +107,7 @@ def _quant8_kernel(
         mask_k = ks < K
         x = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_LORA:
-            ld = tl.load(ld_ptr + offs_r[None, :].to(tl.int64) * K + ks[:, None],
+            ld = tl.load(ld_ptr + offs_r[None, :].to(tl.int64) * LDR + ks[:, None],
                          mask=(offs_r < R)[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
             if EMULATE_16BIT_DOT:
                 lacc += tl.dot(x.to(tl.float32), ld.to(tl.float32), input_precision="ieee")
@@ -169,7 +170,8 @@ def quantize_8bit_triton(x: Tensor, smooth: Tensor | None, lora_down: Tensor | N
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """``(q int8 | e4m3 [M, K], scales fp32 [M], lora_act fp32 [M, R])`` of ``x [M, K]`` (bf16/fp16), as the
     references compute them. ``smooth`` fp32 [K] or None; ``lora_down [R, K]`` in x's dtype (R <= 256) or
-    None (then lora_act is ``[M, 0]``). ``out``: the three tensors to write (tests poison them).
+    None (then lora_act is ``[M, 0]``); its rows may be further apart than K (unit column stride: a column
+    slice of a wider lora_down). ``out``: the three tensors to write (tests poison them).
     ``static_scale``: one scale for every token (``reference.quantize_act_static``) instead of per-token.
     Inputs are assumed validated by the op layer."""
     if mode not in MODES:
@@ -180,6 +182,13 @@ def quantize_8bit_triton(x: Tensor, smooth: Tensor | None, lora_down: Tensor | N
         raise ValueError(f"quantize_8bit_triton: rank {R} > {MAX_RANK}")
     if not interpreted() and not x.is_cuda:
         raise RuntimeError("quantize_8bit_triton needs CUDA tensors (or the Triton interpreter)")
+    ldr = K
+    if R:
+        if tuple(lora_down.shape) != (R, K) or (K > 1 and lora_down.stride(1) != 1) \
+                or (R > 1 and lora_down.stride(0) < K):
+            raise ValueError(f"quantize_8bit_triton: lora_down must be [R, {K}] with column stride 1 and row "
+                             f"stride >= {K}, got shape {tuple(lora_down.shape)} strides {lora_down.stride()}")
+        ldr = lora_down.stride(0) if R > 1 else K
     if out is None:
         q = torch.empty(M, K, dtype=torch.float8_e4m3fn if mode == "fp8" else torch.int8, device=x.device)
         scales = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -197,7 +206,7 @@ def quantize_8bit_triton(x: Tensor, smooth: Tensor | None, lora_down: Tensor | N
     with guard:
         _quant8_kernel[(triton.cdiv(M, block_m),)](
             x, smooth if smooth is not None else x, lora_down if R else x, q.view(torch.uint8), scales,
-            lora_act if R else scales, M, K, R, 1.0 if static_scale is None else float(static_scale),
+            lora_act if R else scales, M, K, R, 1.0 if static_scale is None else float(static_scale), ldr,
             IS_FP8=mode == "fp8", HAS_SMOOTH=smooth is not None, HAS_LORA=R > 0,
             EMULATE_16BIT_DOT=interpreted(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
             STATIC=static_scale is not None, num_warps=warps, num_stages=2 if not interpreted() else 1)

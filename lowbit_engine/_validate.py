@@ -33,8 +33,12 @@ def tensor(
     dtypes: Sequence[torch.dtype],
     shape: Sequence[int | None],
     device: torch.device | None = None,
+    row_view: bool = False,
 ) -> torch.Tensor:
-    """Check one tensor: type, dtype, rank and sizes (None = any), device, contiguity."""
+    """Check one tensor: type, dtype, rank and sizes (None = any), device, contiguity.
+
+    ``row_view`` (2-d only): also accept a row-strided view, e.g. a column slice ``w[:, a:b]`` of a wider
+    matrix: unit column stride and a row stride of at least the number of columns (:func:`row_stride`)."""
     if not isinstance(t, torch.Tensor):
         fail(op, arg, "a torch.Tensor", type(t).__name__)
     if t.dtype not in dtypes:
@@ -47,9 +51,24 @@ def tensor(
             fail(op, arg, f"shape {want_shape} (dim {axis} = {want})", f"shape {tuple(t.shape)}")
     if device is not None and t.device != device:
         fail(op, arg, f"a tensor on {device} (like the first input)", f"a tensor on {t.device}")
-    if not t.is_contiguous():
+    if row_view and t.dim() == 2:
+        if not _row_strided(t):
+            fail(op, arg, "a contiguous tensor or a row-strided view (column stride 1, row stride >= columns)",
+                 f"strides {t.stride()} for shape {tuple(t.shape)} (call .contiguous())")
+    elif not t.is_contiguous():
         fail(op, arg, "a contiguous tensor", f"strides {t.stride()} (call .contiguous())")
     return t
+
+
+def _row_strided(t: torch.Tensor) -> bool:
+    rows, cols = t.shape
+    return t.is_contiguous() or ((t.stride(1) == 1 or cols <= 1) and (rows <= 1 or t.stride(0) >= cols))
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """The element distance between rows of a 2-d tensor that passed ``tensor(..., row_view=True)``: its
+    row stride, or its width where the stride does not matter (one row, or a contiguous tensor)."""
+    return t.shape[1] if t.shape[0] <= 1 or t.is_contiguous() else t.stride(0)
 
 
 def optional(op: str, arg: str, t: torch.Tensor | None, **kw) -> torch.Tensor | None:

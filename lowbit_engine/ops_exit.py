@@ -53,12 +53,16 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _check_next(op: str, dev, K: int, next_scale: float, next_smooth, next_lora_down, next_mode, dtype) -> int:
-    V.one_of(op, "next_mode", next_mode, list(NEXT_MODES))
+def _check_next(op: str, dev, K: int, next_scale: float, next_smooth, next_lora_down, next_mode, dtype,
+                prefix: str = "next_") -> int:
+    """The next linear's quantizer arguments (named ``prefix + name`` in ``op``'s schema). lora_down may be a
+    row-strided view: a column slice of a wider one is read in place (docs/formats.md, "Exit quantizer")."""
+    V.one_of(op, prefix + "mode", next_mode, list(NEXT_MODES))
     if not (isinstance(next_scale, float) and math.isfinite(next_scale) and next_scale > 0):
-        V.fail(op, "next_scale", "a finite float > 0 (the calibrated static scale)", next_scale)
-    V.optional(op, "next_smooth", next_smooth, dtypes=(torch.float32,), shape=(K,), device=dev)
-    V.optional(op, "next_lora_down", next_lora_down, dtypes=(dtype,), shape=(None, K), device=dev)
+        V.fail(op, prefix + "scale", "a finite float > 0 (the calibrated static scale)", next_scale)
+    V.optional(op, prefix + "smooth", next_smooth, dtypes=(torch.float32,), shape=(K,), device=dev)
+    V.optional(op, prefix + "lora_down", next_lora_down, dtypes=(dtype,), shape=(None, K), device=dev,
+               row_view=True)
     return 0 if next_lora_down is None else next_lora_down.shape[0]
 
 
@@ -77,7 +81,7 @@ def _check_static(x, scale, smooth, lora_down, mode) -> tuple[int, int, int]:
     M, K = x.shape
     if M < 1 or K < 1:
         V.fail(op, "x", "at least one row and one column", f"shape {tuple(x.shape)}")
-    R = _check_next(op, x.device, K, scale, smooth, lora_down, mode, x.dtype)
+    R = _check_next(op, x.device, K, scale, smooth, lora_down, mode, x.dtype, prefix="")
     return M, K, R
 
 
@@ -123,8 +127,9 @@ def _exit_cpu(h: Tensor, activation: str, scale: float, smooth, lora_down, mode)
     M, K = h.shape
     R = 0 if lora_down is None else lora_down.shape[0]
     q, s, la = _alloc(M, K, R, mode, h.device)
+    ldr = V.row_stride(lora_down) if R else K
     native().cpu_exit_quantize(_ptr(h), code(h.dtype), M, K, ACTIVATIONS.index(activation), scale, _ptr(smooth),
-                               _ptr(lora_down), R, _MODE_CODE[mode], _ptr(q), _ptr(s), 0, _ptr(la) if R else 0)
+                               _ptr(lora_down), R, ldr, _MODE_CODE[mode], _ptr(q), _ptr(s), 0, _ptr(la) if R else 0)
     return q, s, la
 
 

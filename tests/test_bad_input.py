@@ -386,12 +386,15 @@ def _valid_op_args() -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
                                                   out_dtype=BF16)),
         "w4a16_linear": (ops_w4a16.w4a16_linear, dict(x=x, w=w16.qweight, scales=w16.scales, zeros=w16.zeros,
                                                       bias=bias, out_dtype=BF16)),
-        "quantize_act_static": (ops_exit.quantize_act_static, dict(x=x, scale=0.02, smooth=smooth, lora_down=down,
+        # the exit ops' lora-downs are column slices of wider ones (row-strided views, read in place)
+        "quantize_act_static": (ops_exit.quantize_act_static, dict(x=x, scale=0.02, smooth=smooth,
+                                                                   lora_down=torch.cat([down, down], 1)[:, 128:],
                                                                    mode="fp8")),
         "gemm_w4a8_exit": (ops_exit.gemm_w4a8_exit, dict(
             fmt="f8l", act=qf8, act_scales=sf8, w=f8l.pack(codes), s1=gs, s2=None, row=row, lora_act=la,
             lora_up=up, bias=bias, h_dtype=BF16, activation="gelu_tanh", next_scale=0.02,
-            next_smooth=torch.rand(8, generator=g) + 0.5, next_lora_down=torch.randn(4, 8, generator=g).to(BF16),
+            next_smooth=torch.rand(8, generator=g) + 0.5,
+            next_lora_down=torch.randn(4, 24, generator=g).to(BF16)[:, 8:16],
             next_mode="int8")),
         "norm_modulate_quantize": (ops_fused.norm_modulate_quantize,
                                    dict(x=torch.randn(4, 128, generator=g).to(BF16), shift=_r(g, 2, 128),
@@ -452,6 +455,35 @@ def test_smooth_must_be_positive_and_finite(op, value):
     smooth[17] = value
     with pytest.raises(OpInputError, match=rf"argument 'smooth' expected finite values > 0 .*at index 17"):
         fn(**{**kwargs, "smooth": smooth})
+
+
+_NOT_ROW_VIEWS = {  # [R, K] tensors whose element (r, k) is not at r * row_stride + k with row_stride >= K
+    "column stride 2": lambda R, K: torch.ones(R, 2 * K, dtype=BF16)[:, ::2],
+    "overlapping rows": lambda R, K: torch.ones(R * K, dtype=BF16).as_strided((R, K), (K // 2, 1)),
+    "transposed": lambda R, K: torch.ones(K, R, dtype=BF16).t(),
+    "broadcast rows": lambda R, K: torch.ones(1, K, dtype=BF16).expand(R, K),
+}
+
+
+@pytest.mark.parametrize("layout", list(_NOT_ROW_VIEWS))
+@pytest.mark.parametrize("op, arg", [("quantize_act_static", "lora_down"), ("gemm_w4a8_exit", "next_lora_down")])
+def test_exit_ops_take_row_strided_lora_downs_only(op, arg, layout):
+    """The exit ops read a lora-down in place when its rows are a fixed stride (>= its width) apart; any other
+    layout is refused before a kernel could read the wrong elements."""
+    fn, kwargs = OP_CASES[op]
+    R, K = kwargs[arg].shape
+    assert not kwargs[arg].is_contiguous()  # the valid call (test_every_op_and_argument_is_covered) is a view
+    with pytest.raises(OpInputError, match=rf"^lowbit::{op}: argument '{arg}' expected a contiguous tensor or a "
+                                           r"row-strided view .*got strides"):
+        fn(**{**kwargs, arg: _NOT_ROW_VIEWS[layout](R, K)})
+
+
+@pytest.mark.parametrize("op, arg", [("quantize_act_static", "smooth"), ("gemm_w4a8_exit", "next_smooth")])
+def test_exit_ops_take_a_unit_stride_smooth(op, arg):
+    fn, kwargs = OP_CASES[op]
+    wide = torch.ones(2 * kwargs[arg].shape[0])
+    with pytest.raises(OpInputError, match=rf"^lowbit::{op}: argument '{arg}' expected a contiguous tensor"):
+        fn(**{**kwargs, arg: wide[::2]})
 
 
 # ---- non-finite activations propagate, identically on every backend -------------------------------

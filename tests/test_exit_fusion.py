@@ -237,3 +237,141 @@ def test_static_quantizer_triton_is_bit_exact(gen, mode, M, K, R):
     if R:
         ok = torch.isfinite(lr).all(dim=1)
         assert ((la[ok] - lr[ok]).norm() / lr[ok].norm()).item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ row-strided lora_down
+
+
+def _in_wider(t: torch.Tensor, gen, left: int = 24, right: int = 40) -> torch.Tensor:
+    """``t [R, K]`` as the column slice ``[:, left : left + K]`` of a wider random matrix (a row-strided view:
+    the next layer's lora-down read in place, fused_blocks' single block)."""
+    R, K = t.shape
+    wide = torch.randn(R, left + K + right, generator=gen).to(t.dtype)
+    wide[:, left:left + K] = t
+    view = wide[:, left:left + K]
+    assert not view.is_contiguous() and view.stride() == (left + K + right, 1)
+    return view
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("M, N, K, R2", [(1, 48, 64, 8), (17, 80, 128, 24), (111, 96, 64, 16)])
+def test_exit_epilogue_reads_a_sliced_next_lora_down(g8, gen, mode, M, N, K, R2):
+    """next_lora_down as a column slice of a wider matrix, read in place: the same codes, scales and lora_act
+    as with the contiguous copy (and the reference), into poisoned outputs."""
+    a, sa, w, sw, la, lu, bias = _operands(gen, M, N, K, 8, mode == "int8")
+    smooth = torch.rand(N, generator=gen) + 0.5
+    ld2 = (torch.randn(R2, N, generator=gen) * 0.1).to(BF)
+    view = _in_wider(ld2, gen)
+    scale = 0.05
+    outs = []
+    for lora_down in (ld2, view):
+        poison = torch.full((M, N), 0x5A, dtype=torch.uint8).view(E4M3 if mode == "fp8" else torch.int8)
+        outs.append(g8.gemm8_exit_triton(a, sa, w, sw, la, lu, bias, BF, activation="gelu_tanh", next_scale=scale,
+                                         next_mode=mode, next_smooth=smooth, next_lora_down=lora_down, q_out=poison))
+    (qc, sc, lc), (qv, sv, lv) = outs
+    assert torch.equal(qv.view(torch.uint8), qc.view(torch.uint8)) and torch.equal(sv, sc)
+    assert ((lv - lc).norm() / lc.norm()).item() < 1e-6  # the atomics' order only
+    h = reference.exit_activation(_unfused(g8, a, sa, w, sw, la, lu, bias), "gelu_tanh")
+    qr, sr, lr = reference.quantize_act_static(h, scale, smooth, ld2, mode)
+    _codes_match(qv, qr, mode)
+    assert torch.equal(sv, sr) and ((lv - lr).norm() / lr.norm()).item() < 1e-5
+
+
+def test_exit_columns_of_a_wider_input_with_a_sliced_lora_down(g8, gen):
+    """col > 0 into a wider q_out while next_lora_down is itself a slice of an even wider matrix (row stride
+    != LDQ): the column offset and the row stride are independent."""
+    M, K, R2, width, col = 17, 64, 8, 80, 32
+    a, sa, w, sw, la, lu, bias = _operands(gen, M, width - col, K, 0, False)
+    smooth = torch.rand(width, generator=gen) + 0.5
+    ld2 = (torch.randn(R2, width, generator=gen) * 0.1).to(BF)
+    q = torch.full((M, width), 0x5A, dtype=torch.uint8).view(E4M3)
+    s, lo = torch.full((M,), 0.05), torch.zeros(M, R2)
+    g8.gemm8_exit_triton(a, sa, w, sw, la, lu, bias, BF, activation="gelu_tanh", next_scale=0.05, next_mode="fp8",
+                         next_smooth=smooth, next_lora_down=_in_wider(ld2, gen, 16, 8), q_out=q, scales_out=s,
+                         lora_out=lo, col=col)
+    h = reference.exit_activation(_unfused(g8, a, sa, w, sw, la, lu, bias), "gelu_tanh")
+    qr, sr, lr = reference.quantize_act_static(h, 0.05, smooth[col:], ld2[:, col:], "fp8")
+    _codes_match(q[:, col:], qr, "fp8")
+    assert torch.equal(q.view(torch.uint8)[:, :col], torch.full((M, col), 0x5A, dtype=torch.uint8))  # untouched
+    assert torch.equal(s, sr) and ((lo - lr).norm() / lr.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("bad", ["column stride", "overlapping rows", "transposed"])
+def test_exit_rejects_a_lora_down_that_is_not_row_strided(g8, gen, bad):
+    a, sa, w, sw, _, _, _ = _operands(gen, 5, 48, 64, 0, True)
+    ld = {"column stride": torch.ones(4, 96, dtype=BF)[:, ::2],
+          "overlapping rows": torch.ones(4 * 48, dtype=BF).as_strided((4, 48), (24, 1)),
+          "transposed": torch.ones(48, 4, dtype=BF).t()}[bad]
+    with pytest.raises(ValueError, match="next_lora_down"):
+        g8.gemm8_exit_triton(a, sa, w, sw, None, None, None, BF, activation="none", next_scale=0.1, next_mode="int8",
+                             next_lora_down=ld)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("M, K, R", [(1, 64, 8), (17, 192, 16), (111, 320, 24)])
+def test_static_quantizer_triton_reads_a_sliced_lora_down(gen, mode, M, K, R):
+    q8 = load_interpreted("quant8.py")
+    x = (torch.randn(M, K, generator=gen) * 3).to(BF)
+    sm = torch.rand(K, generator=gen) + 0.5
+    ld = (torch.randn(R, K, generator=gen) * 0.1).to(BF)
+    poison = (torch.full((M, K), 0x5A, dtype=torch.uint8).view(E4M3 if mode == "fp8" else torch.int8),
+              torch.full((M,), -1.0), torch.full((M, R), float("nan")))
+    q, s, la = q8.quantize_8bit_triton(x, sm, _in_wider(ld, gen), mode, out=poison, static_scale=0.01)
+    qr, sr, lr = reference.quantize_act_static(x, 0.01, sm, ld, mode)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    assert ((la - lr).norm() / lr.norm()).item() < 1e-5
+    qc, sc, lc = q8.quantize_8bit_triton(x, sm, ld, mode, static_scale=0.01)
+    assert torch.equal(la, lc)  # the same sums in the same order as the contiguous lora_down
+
+
+@pytest.mark.parametrize("M", [1, 17, 111])
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_static_quantizer_op_reads_a_sliced_lora_down(gen, M, mode):
+    """lowbit::quantize_act_static with lora_down (and smooth) sliced out of a wider layer's, on the C++ and the
+    torch backends: bit-equal to the contiguous copies."""
+    from lowbit_engine import ops, ops_exit
+
+    K, R = 128, 16
+    x = (torch.randn(M, K, generator=gen) * 3).to(BF)
+    smooth_wide = torch.rand(K + 64, generator=gen) + 0.5
+    ld = (torch.randn(R, K, generator=gen) * 0.1).to(BF)
+    view = _in_wider(ld, gen, 64, 0)
+    for backend in ("cpu", "torch"):
+        with ops.use_backend(backend, op="quantize_act_static"), ops.record_backends() as used:
+            qv, sv, lv = ops_exit.quantize_act_static(x, 0.01, smooth_wide[64:], view, mode)
+            qc, sc, lc = ops_exit.quantize_act_static(x, 0.01, smooth_wide[64:].clone(), ld, mode)
+        assert used["quantize_act_static"] == {backend}
+        assert torch.equal(qv.view(torch.uint8), qc.view(torch.uint8)) and torch.equal(sv, sc)
+        assert torch.equal(lv, lc), backend
+    qr, _, lr = reference.quantize_act_static(x, 0.01, smooth_wide[64:], ld, mode)
+    assert torch.equal(qv.view(torch.uint8), qr.view(torch.uint8))
+    assert ((lv - lr).norm() / lr.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("M", [1, 17, 111])
+@pytest.mark.parametrize("fmt", ["f8l", "i8q"])
+def test_exit_op_reads_a_sliced_next_lora_down(gen, M, fmt):
+    """lowbit::gemm_w4a8_exit with the next layer's lora-down as a column slice (the FLUX single block's
+    proj_out), on the C++ and the torch backends: bit-equal to the contiguous copy, and to the reference."""
+    from lowbit_engine import ops, ops_exit
+
+    N, K, R2 = 96, 128, 16
+    w, s1, s2, row = _layer(gen, fmt, N, K)
+    qa, sa, _ = ops.quantize_act(torch.randn(M, K, generator=gen).to(BF), mode="fp8" if fmt == "f8l" else "int8")
+    smooth = torch.rand(N + 32, generator=gen) + 0.5
+    ld2 = (torch.randn(R2, N, generator=gen) * 0.1).to(BF)
+    view = _in_wider(ld2, gen, 32, 0)
+    args = (fmt, qa, sa, w, s1, s2, row)
+    kw = dict(activation="gelu_tanh", next_scale=0.02, next_smooth=smooth[32:], next_mode="fp8")
+    got = {}
+    for backend in ("cpu", "torch"):
+        with ops.use_backend(backend, op="gemm_w4a8_exit"), ops.record_backends() as used:
+            qv, sv, lv = ops_exit.gemm_w4a8_exit(*args, **kw, next_lora_down=view)
+            qc, sc, lc = ops_exit.gemm_w4a8_exit(*args, **kw, next_lora_down=ld2)
+        assert used["gemm_w4a8_exit"] == {backend}
+        assert torch.equal(qv.view(torch.uint8), qc.view(torch.uint8)) and torch.equal(sv, sc)
+        assert torch.equal(lv, lc), backend
+        got[backend] = (qv, sv, lv)
+    (qv, sv, lv), (qr, sr, lr) = got["cpu"], got["torch"]
+    _codes_match(qv, qr, "fp8")
+    assert torch.equal(sv, sr) and ((lv - lr).norm() / lr.norm()).item() < 1e-5

@@ -155,22 +155,32 @@ def _mlp_fc2s(q):
         b.proj_out for b in q.single_transformer_blocks]
 
 
+def _attn_outs(q):
+    """The double blocks' attention output projections (image stream, text stream)."""
+    return [m for b in q.transformer_blocks for m in (b.attn.to_out[0], b.attn.to_add_out)]
+
+
+def _exit_linears(q):
+    return _mlp_fc2s(q) + _attn_outs(q)
+
+
 @pytest.fixture
 def calibrated(models):
-    """The quantized model with static exit input scales (MLP fc2, single-block proj_out) calibrated over two
-    unfused forwards (reset after)."""
+    """The quantized model with static exit input scales (MLP fc2, single-block proj_out, the double blocks'
+    attention output projections) calibrated over two unfused forwards (reset after)."""
     _, q = models
     with torch.no_grad():
         report = fused_blocks.calibrate_exit_scales(q, lambda: [q(**_inputs(s)) for s in (2, 3)], max_loss_db=99.0)
     yield q, report
-    for fc2 in _mlp_fc2s(q):
+    for fc2 in _exit_linears(q):
         fc2.input_scale = None
 
 
-def test_calibration_sets_a_static_scale_per_mlp_exit(calibrated):
+def test_calibration_sets_a_static_scale_per_exit_linear(calibrated):
     q, report = calibrated
     names = {f"transformer_blocks.{i}.{ff}.net.2" for i in range(2) for ff in ("ff", "ff_context")}
     names |= {f"single_transformer_blocks.{i}.proj_out" for i in range(4)}
+    names |= {f"transformer_blocks.{i}.attn.{out}" for i in range(2) for out in ("to_out.0", "to_add_out")}
     assert set(report) == names
     for name, r in report.items():
         fc2 = q.get_submodule(name)
@@ -183,8 +193,8 @@ def test_calibration_keeps_per_token_where_the_static_scale_loses(models):
     _, q = models
     with torch.no_grad():
         report = fused_blocks.calibrate_exit_scales(q, lambda: q(**_inputs(2)), max_loss_db=-1.0)
-    assert report and all(not r["used"] for r in report.values())
-    assert all(fc2.input_scale is None for fc2 in _mlp_fc2s(q))
+    assert len(report) == 12 and all(not r["used"] for r in report.values())
+    assert all(fc2.input_scale is None for fc2 in _exit_linears(q))
 
 
 def test_exit_fused_mlp_equals_its_unfused_static_composition(calibrated):
@@ -210,19 +220,101 @@ def test_exit_fused_mlp_equals_its_unfused_static_composition(calibrated):
     assert _rel(fused, ref) < 1e-3
 
 
-def test_exit_fused_model_matches_the_unfused_one(calibrated):
+def test_exit_fused_model_matches_the_unfused_one(calibrated, monkeypatch):
     q, _ = calibrated
     x = _inputs(4)
+    scales = []
+    real = fused_blocks.ops_exit.quantize_act_static
+
+    def counting(x, scale, *a, **k):
+        scales.append(scale)
+        return real(x, scale, *a, **k)
+
     with torch.no_grad():
         unfused = q(**x)[0]
+        monkeypatch.setattr(fused_blocks.ops_exit, "quantize_act_static", counting)
         fused_blocks.install(q)
         try:
             with ops.record_backends() as used:
                 fused = q(**x)[0]
         finally:
             fused_blocks.remove(q)
-    assert used["gemm_w4a8_exit"] == {"cpu"} and used["quantize_act_static"] == {"cpu"}  # MLPs, single blocks
+    assert used["gemm_w4a8_exit"] == {"cpu"} and used["quantize_act_static"] == {"cpu"}
+    # the light passes: per double block to_out.0 and to_add_out, per single block proj_out's attention part
+    want = [m.input_scale for b in q.transformer_blocks for m in (b.attn.to_out[0], b.attn.to_add_out)]
+    want += [b.proj_out.input_scale for b in q.single_transformer_blocks]
+    assert scales == want and None not in want
     assert _rel(fused, unfused) < FUSED_VS_UNFUSED
+
+
+def test_attention_output_takes_one_light_static_pass(calibrated):
+    """A double block's output projection on a split (non-contiguous, B = 2) attention output: the static
+    quantizer, then the layer's GEMM, exactly; without a calibrated scale, the layer's own forward."""
+    q, _ = calibrated
+    from lowbit_engine import ops_exit
+
+    layer = q.transformer_blocks[1].attn.to_add_out
+    g = torch.Generator().manual_seed(13)
+    joint = torch.randn(2, 80, layer.in_features, generator=g) * layer.smooth
+    qmax = 127.0 if layer.act_mode == "int8" else 448.0
+    joint = (joint * (0.8 * layer.input_scale * qmax / float((joint / layer.smooth).abs().amax()))).to(torch.bfloat16)
+    x = joint.split_with_sizes([16, 64], dim=1)[0]
+    assert not x.is_contiguous() and fused_blocks.static_fusable(layer, x)
+    with torch.no_grad(), ops.record_backends() as used:
+        got = fused_blocks.attention_output_linear(layer, x)
+    assert used["quantize_act_static"] == {"cpu"} and "quantize_act" not in used
+    with torch.no_grad():
+        qa, sa, la = ops_exit.quantize_act_static(x.reshape(32, -1).contiguous(), layer.input_scale, layer.smooth,
+                                                  layer.lora_down, layer.act_mode)
+        want = layer.gemm(qa, sa, la, torch.bfloat16).reshape(2, 16, -1)
+        own = layer(x.contiguous())
+    assert torch.equal(got, want)
+    assert 0 < _rel(got, own) < 2e-2  # static vs per-token scales: close, not the same
+    scale, layer.input_scale = layer.input_scale, None
+    try:
+        with torch.no_grad(), ops.record_backends() as used:
+            plain = fused_blocks.attention_output_linear(layer, x)
+    finally:
+        layer.input_scale = scale
+    assert "quantize_act_static" not in used and torch.equal(plain, own)
+
+
+def test_single_block_reads_proj_outs_lora_down_in_place(calibrated, monkeypatch):
+    """The single block's two producers (attention's light pass, proj_mlp's exit GEMM) get column slices of
+    proj_out's lora_down as views of the buffer itself, not per-call copies."""
+    q, _ = calibrated
+    po = q.single_transformer_blocks[0].proj_out
+    seen = []
+
+    def spy(real, arg):
+        def call(*a, **k):
+            ld = k[arg] if arg in k else a[3]
+            if ld is not None and ld.shape[1] < po.in_features:
+                seen.append((ld.untyped_storage().data_ptr() == po.lora_down.untyped_storage().data_ptr(),
+                             ld.is_contiguous()))
+            return real(*a, **k)
+        return call
+
+    monkeypatch.setattr(fused_blocks.ops_exit, "quantize_act_static",
+                        spy(fused_blocks.ops_exit.quantize_act_static, "lora_down"))
+    monkeypatch.setattr(fused_blocks.ops_exit, "gemm_w4a8_exit",
+                        spy(fused_blocks.ops_exit.gemm_w4a8_exit, "next_lora_down"))
+    fused_blocks.install(q)
+    try:
+        with torch.no_grad():
+            fused_blocks.single_block_forward(q.single_transformer_blocks[0], *_block_inputs(q))
+    finally:
+        fused_blocks.remove(q)
+    assert len(seen) == 2 and all(same for same, _ in seen)
+    assert [contiguous for _, contiguous in seen] == [False, False]  # both slices are narrower row views
+
+
+def _block_inputs(q):
+    g = torch.Generator().manual_seed(12)
+    D = q.single_transformer_blocks[0].proj_out.out_features
+    return ((torch.randn(2, 64, D, generator=g) * 0.5).to(torch.bfloat16),
+            (torch.randn(2, 16, D, generator=g) * 0.5).to(torch.bfloat16),
+            (torch.randn(2, D, generator=g)).to(torch.bfloat16))
 
 
 def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
@@ -231,7 +323,7 @@ def test_static_scales_travel_in_the_checkpoint(calibrated, tmp_path):
     fresh, _ = tiny_flux_pipeline(seed=0)
     t = fresh.transformer
     lowbit_engine.load(t, checkpoint=path)  # fmt and rank from the checkpoint (an earlier LoRA may have grown it)
-    for a, b in zip(_mlp_fc2s(q), _mlp_fc2s(t)):
+    for a, b in zip(_exit_linears(q), _exit_linears(t)):
         assert b.input_scale == a.input_scale is not None
 
 
@@ -242,7 +334,7 @@ def test_exit_fused_model_compiles_and_matches_eager(calibrated):
 
 def test_failed_calibration_leaves_the_scales_as_they_were(calibrated):
     q, _ = calibrated
-    scales = [fc2.input_scale for fc2 in _mlp_fc2s(q)]
+    scales = [fc2.input_scale for fc2 in _exit_linears(q)]
 
     def broken():
         q(**_inputs(2))
@@ -250,4 +342,4 @@ def test_failed_calibration_leaves_the_scales_as_they_were(calibrated):
 
     with torch.no_grad(), pytest.raises(RuntimeError, match="the pipeline failed"):
         fused_blocks.calibrate_exit_scales(q, broken)
-    assert [fc2.input_scale for fc2 in _mlp_fc2s(q)] == scales and all(s is not None for s in scales)
+    assert [fc2.input_scale for fc2 in _exit_linears(q)] == scales and all(s is not None for s in scales)

@@ -145,11 +145,11 @@ void register_cpu(py::module_& m) {
   m.def(
       "cpu_exit_quantize",
       [](uintptr_t h, int h_dtype, int64_t M, int64_t K, int activation, float scale, uintptr_t smooth,
-         uintptr_t lora_down, int64_t R, int mode, uintptr_t q, uintptr_t scales, uintptr_t h_out,
-         uintptr_t lora_act) {
+         uintptr_t lora_down, int64_t R, int64_t ld_stride, int mode, uintptr_t q, uintptr_t scales,
+         uintptr_t h_out, uintptr_t lora_act) {
         py::gil_scoped_release release;
         lowbit::cpu::exit_quantize(ptr<const void>(h), DType(h_dtype), M, K, activation, scale,
-                                   ptr<const float>(smooth), ptr<const void>(lora_down), R, ActQuant(mode),
+                                   ptr<const float>(smooth), ptr<const void>(lora_down), R, ld_stride, ActQuant(mode),
                                    ptr<void>(q), ptr<float>(scales), ptr<void>(h_out), ptr<float>(lora_act));
       },
       "an exit linear's activation, then the next linear's 8-bit input with a static scale");

@@ -3,7 +3,8 @@
 // GELU-tanh, fp32, rounded back to h's dtype), then becomes the next linear's 8-bit input with one static
 // scale: xs = h / smooth, q = rint(clamp(xs / scale, +-127)) or e4m3(clamp(xs / scale, +-448)). A row holding
 // a non-finite value gets a NaN token scale (its non-finite elements q = 0); lora_act = h @ lora_down^T
-// (fp32) on the activated, unquantized h.
+// (fp32) on the activated, unquantized h. lora_down is [R, K] with rows ld_stride >= K elements apart (a
+// column slice of a wider lora_down is read in place).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,8 +34,8 @@ float gelu_tanh(float x) {
 }  // namespace
 
 void exit_quantize(const void* h, DType h_dtype, int64_t M, int64_t K, int activation, float scale,
-                   const float* smooth, const void* lora_down, int64_t R, ActQuant mode, void* q_out,
-                   float* scales_out, void* h_out, float* lora_act_out) {
+                   const float* smooth, const void* lora_down, int64_t R, int64_t ld_stride, ActQuant mode,
+                   void* q_out, float* scales_out, void* h_out, float* lora_act_out) {
   if (h_dtype != DType::BF16 && h_dtype != DType::F16) bad("h must be bfloat16 or float16");
   if (mode != ActQuant::INT8_TOKEN && mode != ActQuant::FP8_TOKEN) bad("mode must be int8 or fp8");
   if (activation != 0 && activation != 1) bad("activation code must be 0 (none) or 1 (gelu_tanh)");
@@ -42,9 +43,10 @@ void exit_quantize(const void* h, DType h_dtype, int64_t M, int64_t K, int activ
   if (M < 1 || K < 1 || R < 0) bad("need M, K >= 1 and R >= 0");
   if (h == nullptr || q_out == nullptr || scales_out == nullptr) bad("null pointer");
   if (R > 0 && (lora_down == nullptr || lora_act_out == nullptr)) bad("R > 0 needs lora_down and lora_act_out");
+  if (R > 1 && ld_stride < K) bad("lora_down's row stride must be >= K");
   const float qmax = mode == ActQuant::INT8_TOKEN ? 127.0f : 448.0f;
   std::vector<float> down(static_cast<size_t>(R * K));
-  if (R > 0) load_floats(lora_down, h_dtype, 0, R * K, down.data());
+  for (int64_t r = 0; r < R; ++r) load_floats(lora_down, h_dtype, r * ld_stride, K, down.data() + r * K);
   std::vector<float> row(static_cast<size_t>(K));
   for (int64_t m = 0; m < M; ++m) {
     load_floats(h, h_dtype, m * K, K, row.data());

@@ -96,15 +96,34 @@ def feed_forward(ff: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, norm: n
     return out
 
 
+def static_fusable(linear: nn.Module, x: Tensor) -> bool:
+    """Whether ``linear``'s input can be quantized by one light static pass (``lowbit::quantize_act_static``)
+    instead of its own per-token quantizer: an 8-bit :class:`SVDQLinear` (:func:`fusable`) with a calibrated
+    ``input_scale`` (:func:`calibrate_exit_scales`)."""
+    return fusable(linear, x) and linear.input_scale is not None
+
+
+def attention_output_linear(linear: nn.Module, x: Tensor) -> Tensor:
+    """``linear(x)`` for an attention output ``x [B, T, D]`` (a double block's ``to_out[0]`` / ``to_add_out``):
+    when :func:`static_fusable`, x is quantized in one light pass with the layer's calibrated static scale and
+    handed to its GEMM (:meth:`SVDQLinear.gemm`); otherwise the layer's own forward."""
+    if not static_fusable(linear, x):
+        return linear(x.contiguous())
+    B, T, D = x.shape
+    q, s, la = ops_exit.quantize_act_static(x.reshape(B * T, D).contiguous(), linear.input_scale, linear.smooth,
+                                            linear.lora_down if linear.rank else None, linear.act_mode)
+    return linear.gemm(q, s, la if linear.rank else None, x.dtype).reshape(B, T, linear.out_features)
+
+
 def _exit_gemm(fc1: SVDQLinear, fc2: SVDQLinear, x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm,
                col: int) -> tuple[Tensor, Tensor, Tensor]:
     """fc1 on the modulated x (entry-fused), its GEMM writing GELU(h) as fc2's input columns ``col:`` (the
-    slices of fc2's smooth and lora_down that meet them): ``(q, scales, lora_act partial)``."""
+    slices of fc2's smooth and lora_down that meet them, read in place): ``(q, scales, lora_act partial)``."""
     B, T, K = x.shape
     q, s, la = ops_fused.norm_modulate_quantize(x.reshape(B * T, K), shift.contiguous(), scale.contiguous(), norm.eps,
                                                 fc1.smooth, fc1.lora_down if fc1.rank else None, fc1.act_mode, T)
     bufs = fc1.weight_buffers()
-    ld = (fc2.lora_down[:, col:].contiguous() if col else fc2.lora_down) if fc2.rank else None
+    ld = fc2.lora_down[:, col:] if fc2.rank else None  # a row-strided view when col > 0: no copy
     return ops_exit.gemm_w4a8_exit(
         fc1.weight_layout, q, s, bufs["qweight"], bufs["wscales"], bufs.get("wzeros"), bufs["wrow"],
         la if fc1.rank else None, fc1.lora_up if fc1.rank else None, fc1.bias, h_dtype=x.dtype,
@@ -115,9 +134,11 @@ def _exit_gemm(fc1: SVDQLinear, fc2: SVDQLinear, x: Tensor, shift: Tensor, scale
 @torch.no_grad()
 def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max_loss_db: float = 1.0
                           ) -> dict[str, dict[str, Any]]:
-    """Calibrate the static input scale of every exit linear that :func:`feed_forward` can fuse (each FLUX
-    MLP's fc2), by running ``run()`` (e.g. a few denoising steps of the pipeline) with hooks that watch the
-    layers' inputs across every call.
+    """Calibrate the static input scale of every exit linear the fused forwards can feed (:func:`_exit_pairs`:
+    each MLP's fc2 and single-block proj_out, written by their producer's GEMM, and each double block's
+    attention output projections ``to_out.0`` / ``to_add_out``, quantized in one light pass), by running
+    ``run()`` (e.g. a few denoising steps of the pipeline) with hooks that watch the layers' inputs across
+    every call.
 
     The scale is the largest ``|x / smooth|`` seen, over 127 (int8) or 448 (fp8). A static scale spends its
     codes on the worst token, so for each layer the calibration also measures the quantization SQNR of
@@ -133,8 +154,8 @@ def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max
     hooks = []
     before = {fc2: fc2.input_scale for _, _, fc2, _ in _exit_pairs(transformer) if isinstance(fc2, SVDQLinear)}
     for name, fc1, fc2, fc2_name in _exit_pairs(transformer):
-        if not (isinstance(fc1, SVDQLinear) and fc1.weight_layout in EXIT_LAYOUTS and isinstance(fc2, SVDQLinear)
-                and fc2.act_mode in FUSABLE_ACTS):
+        producer_ok = fc1 is None or (isinstance(fc1, SVDQLinear) and fc1.weight_layout in EXIT_LAYOUTS)
+        if not (producer_ok and isinstance(fc2, SVDQLinear) and fc2.act_mode in FUSABLE_ACTS):
             continue
         fc2.input_scale = None  # the watched forward is the unfused one
         st = stats.setdefault(f"{name}.{fc2_name}", {"amax": 0.0, "inputs": [], "layer": fc2})
@@ -177,14 +198,20 @@ def calibrate_exit_scales(transformer: nn.Module, run: Callable[[], Any], *, max
 
 def _exit_pairs(transformer: nn.Module):
     """(module name, producer, exit linear, the exit linear's name in the module) of every fusable exit: each
-    diffusers FeedForward's fc1 -> fc2, and each FLUX single block's proj_mlp -> proj_out (whose input is
-    the attention output beside the MLP's)."""
+    diffusers FeedForward's fc1 -> fc2, each FLUX single block's proj_mlp -> proj_out (whose input is the
+    attention output beside the MLP's), and each joint attention's output projections (``to_out.0`` of the
+    image stream, ``to_add_out`` of the text stream), whose producer is the attention itself (None): their
+    input is quantized in one light pass (:func:`attention_output_linear`)."""
     for name, m in transformer.named_modules():
         net = getattr(m, "net", None)
         if isinstance(net, nn.ModuleList) and len(net) >= 2 and hasattr(net[0], "proj"):
             yield name, net[0].proj, net[-1], f"net.{len(net) - 1}"
         elif all(hasattr(m, a) for a in ("proj_mlp", "act_mlp", "proj_out", "attn")):
             yield name, m.proj_mlp, m.proj_out, "proj_out"
+        elif isinstance(getattr(m, "to_out", None), nn.ModuleList) and hasattr(m, "to_add_out"):
+            yield name, None, m.to_out[0], "to_out.0"
+            if m.to_add_out is not None:
+                yield name, None, m.to_add_out, "to_add_out"
 
 
 def _sqnr_db(x: Tensor, xq: Tensor) -> float:
@@ -228,7 +255,9 @@ def _plain_processor(attn: nn.Module) -> bool:
 
 def double_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                          image_rotary_emb: Any = None, joint_attention_kwargs: dict[str, Any] | None = None):
-    """``FluxTransformerBlock.forward`` with the entry linears fused (see the module docstring)."""
+    """``FluxTransformerBlock.forward`` with the entry linears fused (see the module docstring); after
+    :func:`calibrate_exit_scales`, the MLPs' fc2 take their input from fc1's GEMM (:func:`feed_forward`) and
+    the attention output projections from one light static pass (:func:`attention_output_linear`)."""
     if joint_attention_kwargs or not _plain_processor(block.attn):
         return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                    joint_attention_kwargs)
@@ -246,8 +275,9 @@ def double_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden
                        image_rotary_emb)
     text = encoder_hidden_states.shape[1]
     context_attn_output, attn_output = joint.split_with_sizes([text, joint.shape[1] - text], dim=1)
-    attn_output = attn.to_out[1](attn.to_out[0](attn_output.contiguous()))
-    context_attn_output = attn.to_add_out(context_attn_output.contiguous())
+    # the output projections: one light static pass each when calibrated, else their own quantizer
+    attn_output = attn.to_out[1](attention_output_linear(attn.to_out[0], attn_output))
+    context_attn_output = attention_output_linear(attn.to_add_out, context_attn_output)
 
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     ff_output = feed_forward(block.ff, hidden_states, shift_mlp, scale_mlp, block.norm2)
@@ -287,7 +317,7 @@ def single_block_forward(block: nn.Module, hidden_states: Tensor, encoder_hidden
     if exit_fused:  # the attention output quantized in one light pass with the same static scale
         B, T, D = attn_output.shape
         qa, sa, la = ops_exit.quantize_act_static(attn_output.reshape(B * T, D).contiguous(), po.input_scale,
-                                                  po.smooth[:D], po.lora_down[:, :D].contiguous() if po.rank else None,
+                                                  po.smooth[:D], po.lora_down[:, :D] if po.rank else None,
                                                   po.act_mode)
         qm, sm, lm = mlp_part
         sa = torch.where(torch.isnan(sm), sm, sa)  # a non-finite token in either part marks the whole row
@@ -344,4 +374,5 @@ def installed(transformer: nn.Module) -> bool:
 
 
 __all__ = ["install", "remove", "installed", "entry_linear", "fusable", "exit_fusable", "feed_forward",
-           "calibrate_exit_scales", "double_block_forward", "single_block_forward"]
+           "static_fusable", "attention_output_linear", "calibrate_exit_scales", "double_block_forward",
+           "single_block_forward"]

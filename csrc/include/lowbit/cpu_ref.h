@@ -52,10 +52,11 @@ void norm_modulate_quantize(const void* x, DType x_dtype, int64_t M, int64_t K, 
 // Exit linears (docs/formats.md, "Exit quantizer"): h [M, K] F16/BF16, a GEMM's output; activation 0 none,
 // 1 GELU-tanh (fp32, rounded back to h's dtype; the result goes to h_out [M, K] when not null); then the
 // next linear's 8-bit input with one static scale (mode INT8_TOKEN / FP8_TOKEN): q_out [M, K], scales_out
-// [M] (scale, or NaN for a row holding a non-finite value), lora_act_out [M, R] = h @ lora_down^T (fp32).
+// [M] (scale, or NaN for a row holding a non-finite value), lora_act_out [M, R] = h @ lora_down^T (fp32);
+// lora_down [R, K] has its rows ld_stride >= K elements apart (a column slice of a wider one).
 void exit_quantize(const void* h, DType h_dtype, int64_t M, int64_t K, int activation, float scale,
-                   const float* smooth, const void* lora_down, int64_t R, ActQuant mode, void* q_out,
-                   float* scales_out, void* h_out, float* lora_act_out);
+                   const float* smooth, const void* lora_down, int64_t R, int64_t ld_stride, ActQuant mode,
+                   void* q_out, float* scales_out, void* h_out, float* lora_act_out);
 
 // ---- promotion-free W4A8 (docs/formats.md: F8L, I8Q, 8-bit GEMM with row scales) ------------------
 
