@@ -1,8 +1,8 @@
 """SASS census of the persistent sm_90a 8-bit GEMM (csrc/cuda/gemm8_sm90.cu), offline: no GPU needed.
 
 Compiles the source for sm_90a (nvcc -cubin), disassembles it (cuobjdump -sass; Triton's wheel ships one),
-finds each kernel's main loop -- the innermost backward branch whose body holds the most wgmma (QGMMA /
-IGMMA / HGMMA) instructions -- and counts its instructions by opcode: MMAs per loop trip (one trip = one
+finds each kernel's main loop -- the innermost backward branch whose body holds 8-bit wgmma (QGMMA /
+IGMMA) instructions -- and counts its instructions by opcode: MMAs per loop trip (one trip = one
 128-deep K stage), and the non-MMA instructions per MMA that the consumer warps issue beside them. The
 issue-slot budget (docs/kernels.md): a QGMMA.64x128x32 keeps one SM's tensor cores busy for about 64 issue
 cycles of its warpgroup, so the conversion work must stay well under that per MMA.
@@ -69,9 +69,9 @@ def functions(sass: str) -> dict[str, list[tuple[int, str, str]]]:
 
 
 def main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    """The body of the backward branch with the most MMAs (ties: the shortest body)."""
+    """The K-stage loop: the shortest backward-branch body that holds 8-bit MMAs (QGMMA / IGMMA). The unit
+    loop around it also holds the epilogue's HGMMAs (the low-rank branch) and is not counted."""
     best: list[tuple[int, str, str]] = []
-    best_key = (0, 0)
     for addr, op, args in ins:
         if not op.startswith("BRA"):
             continue
@@ -82,9 +82,8 @@ def main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
         if target >= addr:
             continue
         body = [i for i in ins if target <= i[0] <= addr]
-        key = (sum(1 for i in body if MMA.match(i[1])), -len(body))
-        if key > best_key:
-            best, best_key = body, key
+        if any(i[1].startswith(("QGMMA", "IGMMA")) for i in body) and (not best or len(body) < len(best)):
+            best = body
     return best
 
 
