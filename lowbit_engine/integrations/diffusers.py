@@ -100,7 +100,8 @@ class LoadReport:
         bytes_before, bytes_after: parameter + buffer bytes of the transformer before and after.
         seconds: wall time of the whole call; ``quantize_seconds``: of the layer loop alone.
         fused_blocks: blocks given a fused forward (:mod:`.fused`); ``fused_note`` says which or why none.
-        exit_scales: MLP exits calibrated to a static input scale, of those tried (None: not calibrated).
+        exit_scales: ``(used, tried, max_loss_db)``: MLP exits calibrated to a static input scale, of those
+            tried, and the SQNR loss allowed (None: not calibrated).
     """
 
     architecture: str
@@ -122,7 +123,7 @@ class LoadReport:
     quantize_seconds: float = 0.0
     fused_blocks: int = 0
     fused_note: str = ""
-    exit_scales: tuple[int, int] | None = None
+    exit_scales: tuple[int, int, float] | None = None
 
     @property
     def num_quantized(self) -> int:
@@ -150,8 +151,9 @@ class LoadReport:
         if self.fused_note:
             lines.append(f"  fused block forwards: {self.fused_blocks} blocks ({self.fused_note})")
         if self.exit_scales is not None:
-            lines.append(f"  exit fusion: {self.exit_scales[0]} of {self.exit_scales[1]} MLP exits got a static "
-                         "input scale (the others lose more than 1 dB SQNR with one)")
+            used, tried, db = self.exit_scales
+            lines.append(f"  exit fusion: {used} of {tried} MLP exits got a static input scale (the others would "
+                         f"lose more than {db:g} dB SQNR with one: per-token)")
         if self.removed:
             lines.append(f"  removed {len(self.removed)} separate Q/K/V projections superseded by the fused ones")
         if self.uncalibrated and self.source == "calibrated":
@@ -605,7 +607,8 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
          checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | dict[str, str] | None = None,
          policy: Policy | str | None = None, calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
          fuse_qkv_projections: bool = True, max_calib_tokens: int = MAX_CALIB_TOKENS,
-         quant_opts: dict[str, Any] | None = None, fused_blocks: bool | None = None, progress: bool = True) -> Any:
+         quant_opts: dict[str, Any] | None = None, fused_blocks: bool | None = None,
+         exit_max_loss_db: float = 1.0, progress: bool = True) -> Any:
     """Quantize the transformer of ``obj`` (a diffusers pipeline or a bare ``nn.Module``) in place.
 
     Args:
@@ -631,6 +634,9 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
         fused_blocks: the fused block forwards (step 5 above): None installs them on FLUX.1 and SD3 / SD3.5
             when the layers have 8-bit tokens; False never; True always (a ValueError for an architecture
             without them). Undo with ``lowbit_engine.integrations.fused.remove(transformer)``.
+        exit_max_loss_db: with fused blocks and ``calib``, an MLP exit gets a static input scale (exit
+            fusion) only where it loses at most this much SQNR against per-token scales
+            (:func:`~lowbit_engine.integrations.fused_blocks.calibrate_exit_scales`).
         progress: a progress bar over layers, and the report logged at INFO (logger ``lowbit_engine``).
 
     Returns:
@@ -673,7 +679,7 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
                      calib_kwargs=calib_kwargs, max_calib_tokens=max_calib_tokens, quant_opts=quant_opts)
     if calib is not None and checkpoint is None:
         _calib_items(obj, transformer, calib, calib_kwargs)  # a bad calib fails here, before anything is touched
-    _check_fused_blocks(transformer, fused_blocks)
+    _check_fused_blocks(transformer, fused_blocks, exit_max_loss_db)
     report = LoadReport(type(transformer).__name__, chosen.name, fmt, rank, bytes_before=model_nbytes(transformer))
 
     with staged(transformer):  # any exception below puts the model back as it was, then propagates
@@ -684,7 +690,7 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
                       calib_steps=calib_steps, calib_kwargs=calib_kwargs, fuse=fuse_qkv_projections,
                       max_tokens=max_calib_tokens, quant_opts=quant_opts or {}, progress=progress)
         _install_fused(obj, transformer, report, fused_blocks, calib=calib if checkpoint is None else None,
-                       calib_steps=calib_steps, calib_kwargs=calib_kwargs)
+                       calib_steps=calib_steps, calib_kwargs=calib_kwargs, max_loss_db=exit_max_loss_db)
 
     _quantizer_attach(transformer, fmt, rank)  # save_pretrained writes the lowbit folder from here on
     _route_lora(obj, transformer)  # pipe.load_lora_weights & co. go to engine.lora (or raise exactly)
@@ -701,8 +707,12 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
     return obj
 
 
-def _check_fused_blocks(transformer: nn.Module, fused_blocks: Any) -> None:
+def _check_fused_blocks(transformer: nn.Module, fused_blocks: Any, exit_max_loss_db: Any) -> None:
     from . import fused
+
+    if isinstance(exit_max_loss_db, bool) or not isinstance(exit_max_loss_db, (int, float)) \
+            or exit_max_loss_db != exit_max_loss_db:
+        raise TypeError(f"lowbit_engine.load: exit_max_loss_db must be a number of dB, got {exit_max_loss_db!r}")
 
     if fused_blocks is not None and not isinstance(fused_blocks, bool):
         raise TypeError(f"lowbit_engine.load: fused_blocks must be True, False or None, got "
@@ -713,7 +723,7 @@ def _check_fused_blocks(transformer: nn.Module, fused_blocks: Any) -> None:
 
 
 def _install_fused(obj: Any, transformer: nn.Module, report: LoadReport, fused_blocks: bool | None, *, calib: Any,
-                   calib_steps: int, calib_kwargs: dict[str, Any] | None) -> None:
+                   calib_steps: int, calib_kwargs: dict[str, Any] | None, max_loss_db: float) -> None:
     """Step 5: the fused block forwards, and with ``calib`` the static exit scales (inside load's transaction)."""
     from . import fused
     from .fused_blocks import calibrate_exit_scales
@@ -731,10 +741,11 @@ def _install_fused(obj: Any, transformer: nn.Module, report: LoadReport, fused_b
     if calib is not None:
         try:
             exits = calibrate_exit_scales(transformer, lambda: _run_calibration(obj, transformer, calib, calib_steps,
-                                                                                calib_kwargs or {}))
+                                                                                calib_kwargs or {}),
+                                           max_loss_db=float(max_loss_db))
         except CalibrationError as e:
             raise CalibrationError(f"{e} (calibrating the exit scales of the fused blocks)") from e.__cause__
-        report.exit_scales = (sum(1 for r in exits.values() if r["used"]), len(exits))
+        report.exit_scales = (sum(1 for r in exits.values() if r["used"]), len(exits), float(max_loss_db))
 
 
 def _check_load_args(fmt: str, *, rank: Any, skip: Any, checkpoint: Any, calib_steps: Any, calib_kwargs: Any,
