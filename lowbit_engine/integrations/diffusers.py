@@ -8,11 +8,17 @@ The steps, in order:
    would otherwise stay);
 3. calibrate: forward pre-hooks on every layer to quantize keep a uniform random sample of its input tokens
    while the user's calibration inputs run (``calib``);
-4. replace every such layer, on its parent, by ``quantize_linear(layer, fmt, calib=tokens, rank=rank)``.
+4. replace every such layer, on its parent, by ``quantize_linear(layer, fmt, calib=tokens, rank=rank)``;
+5. FLUX.1 and SD3 / SD3.5 with 8-bit-token layers (svdq-w4a8): give the blocks their fused forwards
+   (:mod:`lowbit_engine.integrations.fused`: the entry linears' quantizer fused into the adaLN norm) and,
+   when calibrating, run the calibration inputs once more on the quantized model to calibrate the MLP
+   exits' static input scales (:func:`~lowbit_engine.integrations.fused_blocks.calibrate_exit_scales`), so
+   that fc1's GEMM writes fc2's 8-bit input. ``fused_blocks=False`` turns step 5 off.
 
-With ``checkpoint=`` step 3 and 4 become :func:`lowbit_engine.load_checkpoint` (no calibration).
+With ``checkpoint=`` step 3 and 4 become :func:`lowbit_engine.load_checkpoint` (no calibration; the exit
+scales come from the checkpoint).
 
-The call is atomic: every argument is checked before the model is touched, and steps 2 to 4 run inside one
+The call is atomic: every argument is checked before the model is touched, and steps 2 to 5 run inside one
 :func:`~lowbit_engine.integrations.staging.staged` transaction, so a failure at any step (a calibration
 input the model rejects, a layer the quantizer refuses, a corrupt checkpoint) leaves the model with the same
 modules and a bit-identical state dict.
@@ -93,6 +99,9 @@ class LoadReport:
         calib_runs: calibration forward calls (or pipeline calls) made.
         bytes_before, bytes_after: parameter + buffer bytes of the transformer before and after.
         seconds: wall time of the whole call; ``quantize_seconds``: of the layer loop alone.
+        fused_blocks: blocks given a fused forward (:mod:`.fused`); ``fused_note`` says which or why none.
+        exit_scales: ``(used, tried, max_loss_db)``: MLP exits calibrated to a static input scale, of those
+            tried, and the SQNR loss allowed (None: not calibrated).
     """
 
     architecture: str
@@ -112,6 +121,9 @@ class LoadReport:
     bytes_after: int = 0
     seconds: float = 0.0
     quantize_seconds: float = 0.0
+    fused_blocks: int = 0
+    fused_note: str = ""
+    exit_scales: tuple[int, int, float] | None = None
 
     @property
     def num_quantized(self) -> int:
@@ -136,6 +148,12 @@ class LoadReport:
             shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
             lines.append(f"  kept {len(names)}: {reason} [{shown}]")
         lines.append(f"  QKV fused: {'yes' if self.qkv_fused else 'no'} ({self.qkv_note})")
+        if self.fused_note:
+            lines.append(f"  fused block forwards: {self.fused_blocks} blocks ({self.fused_note})")
+        if self.exit_scales is not None:
+            used, tried, db = self.exit_scales
+            lines.append(f"  exit fusion: {used} of {tried} MLP exits got a static input scale (the others would "
+                         f"lose more than {db:g} dB SQNR with one: per-token)")
         if self.removed:
             lines.append(f"  removed {len(self.removed)} separate Q/K/V projections superseded by the fused ones")
         if self.uncalibrated and self.source == "calibrated":
@@ -253,7 +271,7 @@ def fuse_qkv(transformer: nn.Module) -> tuple[bool, str, list[str]]:
     if fused:
         from .processors import repair_self_attention
 
-        repair_self_attention(transformer)  # SD3.5-Medium's attn2: diffusers gives it the joint processor
+        repair_self_attention(transformer)  # SD3.5: attn2 and the qk norms (integrations/processors.py)
     if not fused:
         tx.rollback()
         return False, "fuse_qkv_projections() created no fused projection (not supported by these attentions)", []
@@ -589,7 +607,8 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
          checkpoint: str | os.PathLike[str] | None = None, skip: Sequence[str] | dict[str, str] | None = None,
          policy: Policy | str | None = None, calib_steps: int = 4, calib_kwargs: dict[str, Any] | None = None,
          fuse_qkv_projections: bool = True, max_calib_tokens: int = MAX_CALIB_TOKENS,
-         quant_opts: dict[str, Any] | None = None, progress: bool = True) -> Any:
+         quant_opts: dict[str, Any] | None = None, fused_blocks: bool | None = None,
+         exit_max_loss_db: float = 1.0, progress: bool = True) -> Any:
     """Quantize the transformer of ``obj`` (a diffusers pipeline or a bare ``nn.Module``) in place.
 
     Args:
@@ -612,6 +631,12 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
         fuse_qkv_projections: False keeps Q, K and V separate even where fusion works.
         max_calib_tokens: tokens kept per layer (a uniform sample over all calibration calls).
         quant_opts: passed to ``quantize_linear`` (e.g. ``{"act_mode": "fp8"}``, ``{"alphas": (0.5,)}``).
+        fused_blocks: the fused block forwards (step 5 above): None installs them on FLUX.1 and SD3 / SD3.5
+            when the layers have 8-bit tokens; False never; True always (a ValueError for an architecture
+            without them). Undo with ``lowbit_engine.integrations.fused.remove(transformer)``.
+        exit_max_loss_db: with fused blocks and ``calib``, an MLP exit gets a static input scale (exit
+            fusion) only where it loses at most this much SQNR against per-token scales
+            (:func:`~lowbit_engine.integrations.fused_blocks.calibrate_exit_scales`).
         progress: a progress bar over layers, and the report logged at INFO (logger ``lowbit_engine``).
 
     Returns:
@@ -622,7 +647,7 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
         TypeError: ``obj`` is neither a pipeline nor an ``nn.Module``; an argument of the wrong type.
         ValueError: a bad argument: a ``skip`` pattern that is not a regex, a negative ``rank``, a
             ``quant_opts`` key the format's quantizer does not take, ``calib_kwargs`` the pipeline does not
-            take, an empty ``calib``.
+            take, an empty ``calib``, ``fused_blocks=True`` for an architecture without fused blocks.
         CalibrationError: a calibration run raised (its error is the ``__cause__``).
         CheckpointError: the checkpoint is missing or does not fit the model.
 
@@ -654,6 +679,7 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
                      calib_kwargs=calib_kwargs, max_calib_tokens=max_calib_tokens, quant_opts=quant_opts)
     if calib is not None and checkpoint is None:
         _calib_items(obj, transformer, calib, calib_kwargs)  # a bad calib fails here, before anything is touched
+    _check_fused_blocks(transformer, fused_blocks, exit_max_loss_db)
     report = LoadReport(type(transformer).__name__, chosen.name, fmt, rank, bytes_before=model_nbytes(transformer))
 
     with staged(transformer):  # any exception below puts the model back as it was, then propagates
@@ -663,6 +689,8 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
             _quantize(obj, transformer, chosen, report, rank=rank, calib=calib, skip=skip,
                       calib_steps=calib_steps, calib_kwargs=calib_kwargs, fuse=fuse_qkv_projections,
                       max_tokens=max_calib_tokens, quant_opts=quant_opts or {}, progress=progress)
+        _install_fused(obj, transformer, report, fused_blocks, calib=calib if checkpoint is None else None,
+                       calib_steps=calib_steps, calib_kwargs=calib_kwargs, max_loss_db=exit_max_loss_db)
 
     _quantizer_attach(transformer, fmt, rank)  # save_pretrained writes the lowbit folder from here on
     _route_lora(obj, transformer)  # pipe.load_lora_weights & co. go to engine.lora (or raise exactly)
@@ -677,6 +705,47 @@ def load(obj: Any, fmt: str | None = None, *, rank: int | None = None, calib: An
     if progress:
         logger.info("%s", report)
     return obj
+
+
+def _check_fused_blocks(transformer: nn.Module, fused_blocks: Any, exit_max_loss_db: Any) -> None:
+    from . import fused
+
+    if isinstance(exit_max_loss_db, bool) or not isinstance(exit_max_loss_db, (int, float)) \
+            or exit_max_loss_db != exit_max_loss_db:
+        raise TypeError(f"lowbit_engine.load: exit_max_loss_db must be a number of dB, got {exit_max_loss_db!r}")
+
+    if fused_blocks is not None and not isinstance(fused_blocks, bool):
+        raise TypeError(f"lowbit_engine.load: fused_blocks must be True, False or None, got "
+                        f"{type(fused_blocks).__name__}")
+    if fused_blocks and not fused.supported(transformer):
+        raise ValueError(f"lowbit_engine.load: fused_blocks=True, but {type(transformer).__name__} has no blocks "
+                         f"with a fused forward (they exist for {fused.ARCHITECTURES}); pass None or False")
+
+
+def _install_fused(obj: Any, transformer: nn.Module, report: LoadReport, fused_blocks: bool | None, *, calib: Any,
+                   calib_steps: int, calib_kwargs: dict[str, Any] | None, max_loss_db: float) -> None:
+    """Step 5: the fused block forwards, and with ``calib`` the static exit scales (inside load's transaction)."""
+    from . import fused
+    from .fused_blocks import calibrate_exit_scales
+
+    if fused_blocks is False:
+        report.fused_note = "fused_blocks=False" if fused.supported(transformer) else ""
+        return
+    if not fused.supported(transformer):
+        return  # another architecture: the unfused path, nothing to say
+    if fused_blocks is None and not fused.wanted(transformer):
+        report.fused_note = "no 8-bit-token layers to fuse (svdq-w4a8 has them)"
+        return
+    report.fused_blocks = fused.install(transformer)
+    report.fused_note = "entry quantizers fused into the adaLN norms"
+    if calib is not None:
+        try:
+            exits = calibrate_exit_scales(transformer, lambda: _run_calibration(obj, transformer, calib, calib_steps,
+                                                                                calib_kwargs or {}),
+                                           max_loss_db=float(max_loss_db))
+        except CalibrationError as e:
+            raise CalibrationError(f"{e} (calibrating the exit scales of the fused blocks)") from e.__cause__
+        report.exit_scales = (sum(1 for r in exits.values() if r["used"]), len(exits), float(max_loss_db))
 
 
 def _check_load_args(fmt: str, *, rank: Any, skip: Any, checkpoint: Any, calib_steps: Any, calib_kwargs: Any,

@@ -1,4 +1,5 @@
-"""Tiny FLUX pipelines built from config (no hub, random weights), for the demo and the tests on a CPU.
+"""Tiny FLUX pipelines and SD3 / SD3.5 transformers built from config (no hub, random weights), for the demo
+and the tests on a CPU.
 
 The shapes follow FLUX.1 (double and single blocks, joint attention, rotary ids, 2x2-packed latents);
 only the sizes are small, with every linear's input a multiple of 64 so that every intended layer can
@@ -81,3 +82,37 @@ def tiny_flux_pipeline_with_text(seed: int = 0, dtype: torch.dtype = torch.bfloa
     return diffusers.FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, transformer=pipe.transformer,
                                   text_encoder=clip.to(dtype).eval(), tokenizer=tokenizer,
                                   text_encoder_2=t5.to(dtype).eval(), tokenizer_2=tokenizer)
+
+
+def tiny_sd3_transformer(seed: int = 0, medium: bool = False, dtype: torch.dtype = torch.bfloat16,
+                         layers: int = 3) -> Any:
+    """A tiny ``SD3Transformer2DModel``: SD3's MMDiT blocks (the last one ``context_pre_only``), or with
+    ``medium`` SD3.5-Medium's: qk RMSNorm and a second self-attention (``attn2``) in all but the last block.
+    Every linear's input is a multiple of 64. Inputs: :func:`tiny_sd3_inputs`.
+
+    Example:
+        >>> t = tiny_sd3_transformer(medium=True)
+        >>> t(**tiny_sd3_inputs(seed=1), return_dict=False)[0].shape
+        torch.Size([2, 4, 16, 16])
+    """
+    import diffusers
+
+    torch.manual_seed(seed)
+    extra = dict(qk_norm="rms_norm", dual_attention_layers=tuple(range(layers - 1))) if medium else {}
+    t = diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=64, out_channels=4, **extra)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # qk norm weights away from 1, so that dropping a norm shows
+        for name, p in t.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name or ".norm_added_" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return t.to(dtype).eval()
+
+
+def tiny_sd3_inputs(seed: int = 0, batch: int = 2, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Forward kwargs for :func:`tiny_sd3_transformer` (random latents, text tokens and pooled embedding)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return dict(hidden_states=r(batch, 4, 16, 16), encoder_hidden_states=r(batch, 8, 128),
+                pooled_projections=r(batch, 64), timestep=torch.rand(batch, generator=g) * 1000)
