@@ -200,15 +200,18 @@ def _exit_pairs(transformer: nn.Module):
     """(module name, producer, exit linear, the exit linear's name in the module) of every fusable exit: each
     diffusers FeedForward's fc1 -> fc2, each FLUX single block's proj_mlp -> proj_out (whose input is the
     attention output beside the MLP's), and each joint attention's output projections (``to_out.0`` of the
-    image stream, ``to_add_out`` of the text stream), whose producer is the attention itself (None): their
-    input is quantized in one light pass (:func:`attention_output_linear`)."""
+    image stream, ``to_add_out`` of the text stream) of the FLUX double blocks, whose producer is the
+    attention itself (None): their input is quantized in one light pass (:func:`attention_output_linear`).
+    Only exits a fused forward uses are listed: SD3's joint attentions still quantize their own outputs'
+    input, so a static scale there would be calibrated for nothing."""
+    flux_attn = {id(b.attn) for b, fwd in _blocks(transformer) if fwd is double_block_forward}
     for name, m in transformer.named_modules():
         net = getattr(m, "net", None)
         if isinstance(net, nn.ModuleList) and len(net) >= 2 and hasattr(net[0], "proj"):
             yield name, net[0].proj, net[-1], f"net.{len(net) - 1}"
         elif all(hasattr(m, a) for a in ("proj_mlp", "act_mlp", "proj_out", "attn")):
             yield name, m.proj_mlp, m.proj_out, "proj_out"
-        elif isinstance(getattr(m, "to_out", None), nn.ModuleList) and hasattr(m, "to_add_out"):
+        elif id(m) in flux_attn and isinstance(getattr(m, "to_out", None), nn.ModuleList) and hasattr(m, "to_add_out"):
             yield name, None, m.to_out[0], "to_out.0"
             if m.to_add_out is not None:
                 yield name, None, m.to_add_out, "to_add_out"
