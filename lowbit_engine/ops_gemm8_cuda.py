@@ -6,8 +6,8 @@ warpgroups, 256 weight rows x 128 tokens per CTA, 2-CTA clusters multicasting th
 in the wgmma accumulators, and the SVDQuant epilogue (row x token scales, the low-rank up-projection as a
 bf16 wgmma, bias, bf16 out by TMA store). docs/kernels.md ("Persistent TMA 8-bit GEMM") has the design.
 
-It is **off by default**: ``LOWBIT_GEMM8_CUDA=1`` registers it, and only then does dispatch try it before
-the Triton path. It stays off until a GPU run shows it correct and faster (issue 15); it has been compiled
+It is **off by default**: only with ``LOWBIT_GEMM8_CUDA=1`` (read on every call) does dispatch take it,
+ahead of the Triton path. It stays off until a GPU run shows it correct and faster (issue 15); it has been compiled
 and checked offline (ptxas, the SASS census, a CPU model of its pipeline protocol) but not yet run.
 
 Where it applies (``applies``): a CUDA tensor on a Hopper device with the sm_90a build, bf16 output, K a
@@ -67,8 +67,9 @@ def _aligned(t: Tensor | None) -> bool:
 
 def applies(act: Tensor, act_scales: Tensor, w: Tensor, w_gscales: Tensor, w_row_scale: Tensor,
             lora_act: Tensor | None, lora_up: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype) -> bool:
-    """Whether the kernel takes this ``gemm_w4a8_f8l`` call (the op layer has validated shapes and dtypes)."""
-    if not (act.is_cuda and out_dtype == torch.bfloat16 and available()):
+    """Whether the kernel takes this ``gemm_w4a8_f8l`` call (the op layer has validated shapes and dtypes):
+    enabled by ``LOWBIT_GEMM8_CUDA=1``, a Hopper device with the sm_90a build, and a problem it handles."""
+    if not (act.is_cuda and enabled() and out_dtype == torch.bfloat16 and available()):
         return False
     K, N = act.shape[1], w.shape[0]
     if K % 128 or N % 8 or not (_aligned(act) and _aligned(w)):
@@ -133,8 +134,9 @@ def gemm_fp8_sm90(act: Tensor, act_scales: Tensor, w: Tensor, row_scale: Optiona
 
 
 def _register() -> None:
-    if enabled():
-        _dispatch.register("gemm_w4a8_f8l", "cuda", applies, gemm_w4a8_f8l_sm90)
+    # Always registered, chosen only when enabled (read on every call, like LOWBIT_QUANTIZE_ACT_KERNEL, so a
+    # bad value is a ValueError at the call, not at import).
+    _dispatch.register("gemm_w4a8_f8l", "cuda", applies, gemm_w4a8_f8l_sm90)
 
 
 _register()

@@ -101,11 +101,11 @@ def test_repeated_calls_and_poisoned_outputs_are_rewritten():
 
 def test_dispatch_runs_it_as_the_cuda_backend(monkeypatch):
     act, s, w, gs, row, la, up, bias = _problem(256, 1024, 512, 32, seed=4)
+    monkeypatch.setenv(ops_gemm8_cuda.ENV, "0")
+    assert not ops_gemm8_cuda.applies(act, s, w, gs, row, la, up, bias, BF)  # off by default
+    monkeypatch.setenv(ops_gemm8_cuda.ENV, "1")
     assert ops_gemm8_cuda.applies(act, s, w, gs, row, la, up, bias, BF)
     assert not ops_gemm8_cuda.applies(act, s, w, gs, row, la, up, bias, torch.float16)
-    # what LOWBIT_GEMM8_CUDA=1 does at import, undone after the test
-    monkeypatch.setitem(_dispatch._BACKENDS["gemm_w4a8_f8l"], "cuda",
-                        _dispatch.Backend("cuda", ops_gemm8_cuda.applies, ops_gemm8_cuda.gemm_w4a8_f8l_sm90))
     out = ops_w4a8.gemm_w4a8_f8l(act, s, w, gs, row, la, up, bias, BF)
     assert _dispatch.last_backend("gemm_w4a8_f8l") == "cuda"
     _check(out.cpu(), _ref(act, s, w, gs, row, la, up, bias))
